@@ -1,0 +1,68 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Both install what they need.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PIP_VERSION := 25.3
+
+# Offline and private by default: no hub downloads, no analytics.
+export HF_HUB_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export DVC_NO_ANALYTICS := 1
+export GX_ANALYTICS_ENABLED := false
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export DO_NOT_TRACK := 1
+# dvc.yaml's commands call `rlhf`, so the venv's bin goes first on PATH.
+export PATH := $(abspath $(BIN)):$(PATH)
+# The machine's pip config may list local indexes that do not exist; their warnings are noise.
+PIP_QUIET := 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+
+.PHONY: setup demo test test-fast lint format lock clean
+
+setup: $(STAMP)
+
+# Re-installs when the lock or the project metadata changes (a stale venv is rebuilt in place).
+$(STAMP): requirements.lock pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@$(BIN)/python -c 'import sys; assert sys.version_info[:2] == (3, 11), f"Python 3.11 is required, $(VENV) has {sys.version.split()[0]}"'
+	$(BIN)/python -m pip install --quiet --upgrade pip==$(PIP_VERSION) $(PIP_QUIET)
+	$(BIN)/python -m pip install --quiet -r requirements.lock $(PIP_QUIET)
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e . $(PIP_QUIET)
+	$(BIN)/python -m pip check
+	@touch $(STAMP)
+
+# The embedded demo: demo data (regenerated to the version in data.dvc), then `dvc repro`.
+demo: setup
+	$(BIN)/rlhf data demo --check
+	$(BIN)/dvc repro
+	$(BIN)/dvc status
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+# Unit and data tests only (no DVC, no model building).
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow"
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: setup
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+# Re-resolve the lock from pyproject.toml in a scratch venv (needs the package registry).
+lock:
+	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/python -m pip install --quiet --upgrade pip==$(PIP_VERSION)
+	.lock-venv/bin/python -m pip install --quiet ".[dev]"
+	{ sed -n '1,/^setuptools==/p' requirements.lock | sed '$$d'; \
+	  .lock-venv/bin/python -m pip freeze --all --exclude-editable \
+	    | grep -vE '^(pip|rlhf-pipeline)==' | sed -E 's/^torch==([0-9.]+)\+cpu$$/torch==\1/'; } > requirements.lock.new
+	mv requirements.lock.new requirements.lock && rm -rf .lock-venv
+
+clean:
+	rm -rf artifacts .pytest_cache .ruff_cache

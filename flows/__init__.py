@@ -1,0 +1,1 @@
+"""Prefect flows: thin callers of the stage functions in ``rlhf_tasks``."""

@@ -1,0 +1,190 @@
+"""The ``rlhf`` command line.
+
+    rlhf validate [PATH ...] [--heldout PATH ...]  the validation gate (default: params' data)
+    rlhf data demo [--check] [--force]             write the demo data set into data/
+    rlhf stage NAME                                run one stage as dvc.yaml calls it
+
+Every command takes ``--params FILE`` and DVC-style overrides ``-S section.key=value``.
+Exit codes: 0 success (valid data), 1 invalid data, 2 usage or configuration error.
+A user mistake prints one message, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import filecmp
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from rlhf_tasks.config import DEFAULT_PARAMS, Params, load_params
+from rlhf_tasks.errors import ConfigError, DataError, UserError
+
+# Privacy by default: no analytics from the libraries this tool drives.
+for _var, _value in {
+    "DVC_NO_ANALYTICS": "1",
+    "GX_ANALYTICS_ENABLED": "false",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+}.items():
+    os.environ.setdefault(_var, _value)
+
+STAGES = ("base_model", "validate")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse exits 2 too, but with its own wording
+        self.print_usage(sys.stderr)
+        raise ConfigError(f"{self.prog}: {message}")
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--params", default=str(DEFAULT_PARAMS), help="params file (default: params.yaml)"
+    )
+    parser.add_argument(
+        "-S",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a parameter, e.g. -S validate.min_rows=50 (repeatable)",
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="rlhf", description="RLHF pipeline: validate, train, evaluate, promote.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("validate", help="run the data-validation gate")
+    p.add_argument("paths", nargs="*", help="files or directories (default: params.yaml's data)")
+    p.add_argument("--heldout", nargs="+", help="held-out files, checked for shared prompts")
+    p.add_argument("--out", default="artifacts/validate", help="report directory")
+    _common(p)
+
+    p = sub.add_parser("data", help="data sets")
+    data_sub = p.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
+    d = data_sub.add_parser("demo", help="write the embedded demo data set into data/")
+    d.add_argument("--force", action="store_true", help="overwrite data/ files that differ")
+    d.add_argument("--check", action="store_true", help="then check data/ against data.dvc")
+    _common(d)
+
+    p = sub.add_parser("stage", help="run one pipeline stage (what dvc.yaml calls)")
+    p.add_argument("name", choices=STAGES)
+    _common(p)
+    return parser
+
+
+def cmd_validate(args: argparse.Namespace, params: Params) -> int:
+    from rlhf_tasks import validate
+
+    report, result = validate.validate(
+        params, paths=args.paths or None, heldout=args.heldout, out_dir=Path(args.out)
+    )
+    print(validate.summary(report, result["outputs"]))
+    return 0 if report.valid else 1
+
+
+def _dvc_status(target: str) -> dict:
+    from dvc.repo import Repo
+
+    with Repo(".") as repo:
+        return repo.status(targets=[target])
+
+
+def cmd_data_demo(args: argparse.Namespace, params: Params) -> int:
+    from rlhf_tasks import demo
+
+    data = params.data
+    with tempfile.TemporaryDirectory() as tmp:
+        stats = demo.generate(params.demo, data, root=Path(tmp))
+        written, same, differ = [], [], []
+        for rel in sorted(p.relative_to(tmp) for p in Path(tmp).rglob("*") if p.is_file()):
+            fresh, current = Path(tmp) / rel, Path(rel)
+            if not current.exists():
+                written.append(rel)
+            elif filecmp.cmp(fresh, current, shallow=False):
+                same.append(rel)
+            else:
+                differ.append(rel)
+        if differ and not args.force:
+            raise DataError(
+                "these files differ from the demo data and were left as they are: "
+                + ", ".join(map(str, differ))
+                + ". If DVC has them (`dvc status`), restore with `dvc checkout`; to replace them "
+                "with the demo data, pass --force."
+            )
+        for rel in written + differ:
+            Path(rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(Path(tmp) / rel, rel)
+    pref = stats["preferences"]
+    print(
+        f"demo data in {data.dir}/: {len(written) + len(differ)} file(s) written, {len(same)} "
+        f"unchanged; {stats['sft']['rows']} SFT demonstrations, {pref['train']['pairs']} + "
+        f"{pref['heldout']['pairs']} preference pairs, {stats['prompts']['train']} RL and "
+        f"{stats['prompts']['heldout']} held-out prompts"
+    )
+    print(
+        "annotators agree with the gold order on "
+        f"{100 * pref['train']['agreement_with_gold']:.1f}% (train) and "
+        f"{100 * pref['heldout']['agreement_with_gold']:.1f}% (held-out) of pairs: the ceiling "
+        "for reward-model accuracy"
+    )
+    if args.check:
+        dvc_file = Path(f"{data.dir}.dvc")
+        if not dvc_file.exists():
+            raise ConfigError(f"{dvc_file}: no such file; track the data with `dvc add {data.dir}`")
+        status = _dvc_status(str(dvc_file))
+        if status:
+            raise DataError(
+                f"{data.dir}/ does not match {dvc_file}: {json.dumps(status)}. The demo "
+                "generator or its params changed; run `dvc add data` and commit data.dvc."
+            )
+        print(f"{data.dir}/ matches {dvc_file} (md5 {_dvc_md5(dvc_file)})")
+    return 0
+
+
+def _dvc_md5(dvc_file: Path) -> str:
+    import yaml
+
+    return yaml.safe_load(dvc_file.read_text())["outs"][0]["md5"]
+
+
+def cmd_stage(args: argparse.Namespace, params: Params) -> int:
+    if args.name == "base_model":
+        from rlhf_tasks import base_model
+
+        result = base_model.build(params)
+        print(json.dumps(result, indent=2))
+        return 0
+    if args.name == "validate":
+        from rlhf_tasks import validate
+
+        report, result = validate.validate(params)
+        print(validate.summary(report, result["outputs"]))
+        return 0 if report.valid else 1
+    raise ConfigError(f"unknown stage {args.name!r}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = _parser().parse_args(argv)
+        params = load_params(args.params, args.overrides)
+        if args.command == "validate":
+            return cmd_validate(args, params)
+        if args.command == "data":
+            return cmd_data_demo(args, params)
+        return cmd_stage(args, params)
+    except UserError as exc:
+        print(f"rlhf: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("rlhf: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

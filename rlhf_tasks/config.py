@@ -1,0 +1,175 @@
+"""Typed configuration: ``params.yaml`` loaded into one pydantic model per stage.
+
+Every section of ``params.yaml`` is named like the stage that reads it (``validate`` is read by
+``rlhf_tasks/validate.py`` and by the ``validate`` stage in ``dvc.yaml``). Loading is strict: an
+unknown key, a wrong type or an impossible value stops the program before anything runs, with a
+message that names the file and the key (exit code 2 from the CLI).
+
+Overrides use DVC's syntax, ``-S section.key=value`` (the value is parsed as YAML, so
+``-S validate.min_rows=50`` is an int and ``-S validate.checks.label_sanity=off`` a string).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from rlhf_tasks.errors import ConfigError
+
+DEFAULT_PARAMS = Path("params.yaml")
+
+Severity = Literal["error", "warn", "off"]
+
+
+class _Section(BaseModel):
+    # strict: "3" is not an int, 1 is not a bool; forbid: a typo'd key is an error, not a default.
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class DataConfig(_Section):
+    """Where the pipeline's data lives (files or directories of .jsonl/.json/.parquet/.csv)."""
+
+    dir: str = "data"
+    preferences_train: str = "data/preferences/train.jsonl"
+    preferences_heldout: str = "data/preferences/heldout.jsonl"
+    sft_train: str = "data/sft/train.jsonl"
+    prompts_rl: str = "data/prompts/rl.jsonl"
+    prompts_heldout: str = "data/prompts/heldout.jsonl"
+
+
+class DemoConfig(_Section):
+    """The embedded demo task (``rlhf data demo``). Changing any of these changes the data md5."""
+
+    seed: int = 1234
+    n_sft: int = Field(2000, gt=0)
+    n_pairs_train: int = Field(3000, gt=0)
+    n_pairs_heldout: int = Field(400, gt=0)
+    heldout_fraction: float = Field(0.2, gt=0, lt=1)
+
+
+class ModelConfig(_Section):
+    """The base model every training stage starts from: a hub id or a local directory."""
+
+    name_or_path: str = "artifacts/base_model"
+    trust_remote_code: bool = False
+
+
+class BaseModelConfig(_Section):
+    """The demo's tiny base model, built locally (tokenizer trained on the demo corpus)."""
+
+    seed: int = 0
+    vocab_size: int = Field(1024, ge=64)
+    hidden_size: int = Field(64, ge=8)
+    num_layers: int = Field(2, ge=1)
+    num_heads: int = Field(4, ge=1)
+    intermediate_size: int = Field(256, ge=8)
+    max_length: int = Field(128, ge=16)
+
+    @model_validator(mode="after")
+    def _heads_divide_hidden(self) -> BaseModelConfig:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) must be a multiple of "
+                f"num_heads ({self.num_heads})"
+            )
+        return self
+
+
+class ValidateChecks(_Section):
+    """Severity of each check: ``error`` fails the gate, ``warn`` only reports, ``off`` skips."""
+
+    parseable: Severity = "error"
+    required_columns: Severity = "error"
+    string_types: Severity = "error"
+    not_empty: Severity = "error"
+    chosen_differs: Severity = "error"
+    unique_pairs: Severity = "error"
+    length_chars: Severity = "error"
+    length_tokens: Severity = "error"
+    utf8: Severity = "error"
+    control_chars: Severity = "error"
+    min_rows: Severity = "error"
+    heldout_overlap: Severity = "error"
+    label_sanity: Severity = "warn"
+
+
+class ValidateConfig(_Section):
+    """The data-validation gate (Great Expectations)."""
+
+    min_rows: int = Field(100, ge=1)
+    min_chars: int = Field(1, ge=1)
+    max_chars: int = Field(4000, ge=1)
+    # Tokens of prompt + response; null means the tokenizer's model_max_length.
+    max_tokens: int | None = Field(None, ge=1)
+    # Warn when "chosen" is the longer (or the shorter) response in more than this share of pairs.
+    label_sanity_threshold: float = Field(0.9, gt=0.5, le=1.0)
+    max_examples: int = Field(5, ge=1)
+    checks: ValidateChecks = ValidateChecks()
+
+    @model_validator(mode="after")
+    def _bounds_ordered(self) -> ValidateConfig:
+        if self.min_chars > self.max_chars:
+            raise ValueError(f"min_chars ({self.min_chars}) exceeds max_chars ({self.max_chars})")
+        return self
+
+
+class Params(_Section):
+    data: DataConfig = DataConfig()
+    demo: DemoConfig = DemoConfig()
+    model: ModelConfig = ModelConfig()
+    base_model: BaseModelConfig = BaseModelConfig()
+    validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")
+
+    @property
+    def validate_config(self) -> ValidateConfig:
+        return self.validate_
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply DVC-style ``section.key=value`` overrides to a raw params dict (a copy)."""
+    result = yaml.safe_load(yaml.safe_dump(raw)) or {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. validate.min_rows=50")
+        node = result
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is not a section")
+            node = child
+        node[parts[-1]] = yaml.safe_load(value)
+    return result
+
+
+def load_params(path: str | Path = DEFAULT_PARAMS, overrides: list[str] | None = None) -> Params:
+    """Read and validate ``params.yaml``; raise ConfigError naming the file and key on a mistake."""
+    path = Path(path)
+    if path.exists():
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    else:
+        raise ConfigError(
+            f"{path}: no such file. Run from the project directory or pass --params PATH."
+        )
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+    raw = apply_overrides(raw, overrides or [])
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+            if err["type"] == "extra_forbidden":
+                lines.append(f"{path}: unknown key {key!r}")
+            else:
+                got = err.get("input")
+                lines.append(f"{path}: {key}: {err['msg']} (got {got!r})")
+        raise ConfigError("\n".join(lines)) from None

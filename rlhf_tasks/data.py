@@ -1,0 +1,305 @@
+"""Load preference, SFT and prompt data from files into one normalised schema.
+
+Accepted files: ``.jsonl``, ``.json`` (a list of records, or ``{"data": [...]}``), ``.parquet``,
+``.csv``, or a directory of them (read in sorted order). Accepted record formats, detected per
+record:
+
+- explicit prompt (TRL's preference format): ``{"prompt", "chosen", "rejected"}``;
+- implicit prompt (Anthropic HH-RLHF): ``{"chosen", "rejected"}`` that both hold the whole
+  dialogue, ``"\\n\\nHuman: ...\\n\\nAssistant: ..."``; the prompt is the shared dialogue up to the
+  last ``Assistant:`` turn;
+- conversational: ``prompt`` (optional), ``chosen`` and ``rejected`` as lists of
+  ``{"role", "content"}``; with no ``prompt`` the shared leading messages are the prompt;
+- SFT: ``{"prompt", "completion"}`` (strings or message lists) or ``{"messages": [...]}``;
+- prompts: ``{"prompt"}``.
+
+Normalised columns: ``prompt``, ``chosen``, ``rejected`` (preferences) or ``prompt``,
+``completion`` (sft) or ``prompt`` (prompts), plus optional ``id``, ``annotator``, ``margin``.
+A multi-turn prompt is rendered as a transcript
+(``Human: ...\\n\\nAssistant: ...\\n\\nHuman: ...``); a single user turn is its text.
+
+Loading never raises on a bad row: the row is kept with its problem in ``_parse_error`` so that
+the validation gate reports every problem with its file and line, instead of stopping at the first.
+Provenance columns: ``_file`` and ``_line`` (1-based line of a JSONL/CSV record, index + 1 in a JSON
+list or Parquet file).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from rlhf_tasks.errors import ConfigError
+
+TEXT_COLUMNS: dict[str, tuple[str, ...]] = {
+    "preferences": ("prompt", "chosen", "rejected"),
+    "sft": ("prompt", "completion"),
+    "prompts": ("prompt",),
+}
+OPTIONAL_COLUMNS = ("id", "annotator", "margin")
+PROVENANCE_COLUMNS = ("_file", "_line", "_format", "_parse_error")
+SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+
+HH_ASSISTANT = "\n\nAssistant:"
+_SURROGATES = re.compile("[\ud800-\udfff]")
+# U+FFFD stands in for bytes that were not valid UTF-8 (see _clean_text); the gate reports it.
+REPLACEMENT_CHAR = "\ufffd"
+
+
+@dataclass
+class Dataset:
+    kind: str  # preferences | sft | prompts
+    frame: pd.DataFrame
+    files: list[Path]
+
+    @property
+    def text_columns(self) -> tuple[str, ...]:
+        return TEXT_COLUMNS[self.kind]
+
+
+def list_files(paths: Sequence[str | Path]) -> list[Path]:
+    """Expand directories into their data files; raise ConfigError for a missing path."""
+    files: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.suffix.lower() in SUFFIXES)
+            if not found:
+                raise ConfigError(f"{path}: directory holds no {'/'.join(SUFFIXES)} files")
+            files.extend(found)
+        elif path.is_file():
+            if path.suffix.lower() not in SUFFIXES:
+                raise ConfigError(f"{path}: unsupported file type (expected {', '.join(SUFFIXES)})")
+            files.append(path)
+        else:
+            raise ConfigError(f"{path}: no such file or directory")
+    return files
+
+
+def _clean_text(value: Any) -> Any:
+    """Lone surrogates (undecodable bytes, JSON escapes) become U+FFFD, which the gate flags."""
+    if isinstance(value, str) and _SURROGATES.search(value):
+        return _SURROGATES.sub(REPLACEMENT_CHAR, value)
+    return value
+
+
+def _read_records(path: Path) -> Iterator[tuple[int, dict[str, Any] | None, str | None]]:
+    """Yield (line, record, parse_error) for each record of one file."""
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        with path.open("rb") as fh:
+            for number, raw in enumerate(fh, start=1):
+                text = raw.decode("utf-8", errors="surrogateescape")
+                if not text.strip():
+                    continue
+                try:
+                    record = json.loads(text)
+                except json.JSONDecodeError as exc:
+                    yield number, None, f"malformed JSON: {exc.msg} (column {exc.colno})"
+                    continue
+                if not isinstance(record, dict):
+                    yield number, None, f"expected a JSON object, got {type(record).__name__}"
+                    continue
+                yield number, record, None
+    elif suffix == ".json":
+        text = path.read_bytes().decode("utf-8", errors="surrogateescape")
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            yield exc.lineno, None, f"malformed JSON: {exc.msg} (column {exc.colno})"
+            return
+        if isinstance(data, dict) and isinstance(data.get("data"), list):
+            data = data["data"]
+        if not isinstance(data, list):
+            yield 1, None, 'expected a JSON list of records (or {"data": [...]})'
+            return
+        for index, record in enumerate(data, start=1):
+            if isinstance(record, dict):
+                yield index, record, None
+            else:
+                yield index, None, f"expected a JSON object, got {type(record).__name__}"
+    elif suffix == ".csv":
+        text = path.read_bytes().decode("utf-8", errors="surrogateescape")
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        try:
+            for row in reader:
+                # line_num is the last physical line of the record; quoted fields may span lines.
+                if None in row:
+                    yield reader.line_num, None, "more fields than the header has"
+                    continue
+                yield reader.line_num, {k: v for k, v in row.items() if v is not None}, None
+        except csv.Error as exc:
+            yield reader.line_num, None, f"malformed CSV: {exc}"
+    elif suffix == ".parquet":
+        try:
+            table = pd.read_parquet(path)
+        except Exception as exc:  # pyarrow raises several types for a corrupt file
+            yield 1, None, f"unreadable Parquet file: {exc}"
+            return
+        for index, record in enumerate(table.to_dict(orient="records"), start=1):
+            yield index, {k: _none_if_nan(v) for k, v in record.items()}, None
+
+
+def _none_if_nan(value: Any) -> Any:
+    if isinstance(value, float) and value != value:
+        return None
+    if hasattr(value, "tolist"):  # numpy arrays from Parquet list columns
+        return value.tolist()
+    return value
+
+
+def _render_messages(messages: list[dict[str, Any]]) -> str:
+    """A single user turn is its text; several turns become an HH-style transcript."""
+    if len(messages) == 1 and messages[0].get("role") == "user":
+        return messages[0].get("content")
+    names = {"user": "Human", "assistant": "Assistant", "system": "System"}
+    return "\n\n".join(
+        f"{names.get(m.get('role'), str(m.get('role')).title())}: {m.get('content')}"
+        for m in messages
+    )
+
+
+def _check_messages(value: Any, key: str) -> list[dict[str, Any]]:
+    if not all(isinstance(m, dict) and "role" in m and "content" in m for m in value):
+        raise ValueError(f"{key!r} is a list but not of {{role, content}} messages")
+    return value
+
+
+def _final_assistant(messages: list[dict[str, Any]], key: str) -> Any:
+    if not messages or messages[-1].get("role") != "assistant":
+        raise ValueError(f"{key!r} must end with an assistant message")
+    return messages[-1].get("content")
+
+
+def _split_hh(chosen: str, rejected: str) -> tuple[str, str, str]:
+    """Split HH-RLHF dialogues into (prompt, chosen reply, rejected reply)."""
+    # The prompt is the longest shared prefix that ends with "\n\nAssistant:".
+    shared = 0
+    for a, b in zip(chosen, rejected, strict=False):
+        if a != b:
+            break
+        shared += 1
+    cut = chosen.rfind(HH_ASSISTANT, 0, shared + 1)
+    if cut < 0 or (not chosen.startswith("\n\nHuman:") and not chosen.startswith("Human:")):
+        raise ValueError("no shared '\\n\\nHuman: ... \\n\\nAssistant:' prompt in chosen/rejected")
+    end = cut + len(HH_ASSISTANT)
+    prompt = chosen[:end].strip()
+    prompt = prompt.removesuffix("Assistant:").rstrip()
+    prompt = prompt.removeprefix("Human:").strip() if prompt.count("Human:") == 1 else prompt
+    return prompt, chosen[end:].strip(), rejected[end:].strip()
+
+
+def normalise_record(record: dict[str, Any], kind: str) -> tuple[dict[str, Any], str]:
+    """Return (normalised fields, format name); raise ValueError if the record has no known form."""
+    out = {k: record[k] for k in OPTIONAL_COLUMNS if k in record and record[k] is not None}
+    if kind == "preferences":
+        chosen, rejected = record.get("chosen"), record.get("rejected")
+        if isinstance(chosen, list) or isinstance(rejected, list):
+            chosen = _check_messages(chosen or [], "chosen")
+            rejected = _check_messages(rejected or [], "rejected")
+            prompt = record.get("prompt")
+            if prompt is None:
+                shared = 0
+                while (
+                    shared < min(len(chosen), len(rejected)) - 1
+                    and chosen[shared] == rejected[shared]
+                ):
+                    shared += 1
+                prompt, chosen, rejected = chosen[:shared], chosen[shared:], rejected[shared:]
+            if isinstance(prompt, list):
+                prompt = _render_messages(_check_messages(prompt, "prompt"))
+            out |= {
+                "prompt": prompt,
+                "chosen": _final_assistant(chosen, "chosen"),
+                "rejected": _final_assistant(rejected, "rejected"),
+            }
+            return out, "conversational"
+        implicit = "prompt" not in record and isinstance(rejected, str)
+        if implicit and isinstance(chosen, str) and HH_ASSISTANT in chosen:
+            prompt, chosen, rejected = _split_hh(chosen, rejected)
+            return out | {"prompt": prompt, "chosen": chosen, "rejected": rejected}, "implicit"
+        for key in TEXT_COLUMNS[kind]:
+            if key in record:
+                out[key] = record[key]
+        return out, "explicit"
+    if kind == "sft":
+        if isinstance(record.get("messages"), list):
+            messages = _check_messages(record["messages"], "messages")
+            out["prompt"] = _render_messages(messages[:-1]) if len(messages) > 1 else None
+            out["completion"] = _final_assistant(messages, "messages")
+            return out, "conversational"
+        prompt, completion = record.get("prompt"), record.get("completion")
+        if isinstance(prompt, list):
+            prompt = _render_messages(_check_messages(prompt, "prompt"))
+        if isinstance(completion, list):
+            completion = _final_assistant(_check_messages(completion, "completion"), "completion")
+        for key, value in (("prompt", prompt), ("completion", completion)):
+            if key in record:
+                out[key] = value
+        return out, "prompt_completion"
+    if isinstance(record.get("prompt"), list):
+        record = {**record, "prompt": _render_messages(_check_messages(record["prompt"], "prompt"))}
+    if "prompt" in record:
+        out["prompt"] = record["prompt"]
+    return out, "prompt_only"
+
+
+def detect_kind(record: dict[str, Any]) -> str:
+    if "chosen" in record or "rejected" in record:
+        return "preferences"
+    if "completion" in record or "messages" in record:
+        return "sft"
+    return "prompts"
+
+
+def load(paths: Sequence[str | Path], kind: str | None = None) -> Dataset:
+    """Load files into a normalised Dataset. ``kind=None`` detects it from the first good record."""
+    files = list_files(paths)
+    rows: list[dict[str, Any]] = []
+    raw_rows: list[tuple[Path, int, dict[str, Any] | None, str | None]] = []
+    for path in files:
+        for line, record, error in _read_records(path):
+            raw_rows.append((path, line, record, error))
+            if kind is None and record is not None:
+                kind = detect_kind(record)
+    kind = kind or "preferences"
+    if kind not in TEXT_COLUMNS:
+        raise ConfigError(f"unknown data kind {kind!r}; expected one of {', '.join(TEXT_COLUMNS)}")
+    seen_columns: set[str] = set()
+    for path, line, record, error in raw_rows:
+        row: dict[str, Any] = {"_file": str(path), "_line": line, "_format": None}
+        if record is not None:
+            try:
+                fields, fmt = normalise_record(record, kind)
+            except ValueError as exc:
+                error = str(exc)
+            else:
+                row |= {k: _clean_text(v) for k, v in fields.items()}
+                row["_format"] = fmt
+                seen_columns.update(fields)
+        row["_parse_error"] = error
+        rows.append(row)
+    columns = [c for c in (*TEXT_COLUMNS[kind], *OPTIONAL_COLUMNS) if c in seen_columns]
+    frame = pd.DataFrame(rows, columns=[*columns, *PROVENANCE_COLUMNS])
+    # Parse failures carry no fields; a column that some good record has is still "present".
+    frame = frame.astype(object).where(frame.notna(), None)
+    frame["_line"] = frame["_line"].astype(int)
+    return Dataset(kind=kind, frame=frame, files=files)
+
+
+def write_jsonl(frame: pd.DataFrame, path: Path) -> None:
+    """Write the normalised columns (no provenance) as JSONL, one record per line, stable order."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    columns = [c for c in frame.columns if not c.startswith("_")]
+    with path.open("w", encoding="utf-8") as fh:
+        for record in frame[columns].to_dict(orient="records"):
+            clean = {k: v for k, v in record.items() if v is not None}
+            fh.write(json.dumps(clean, ensure_ascii=False, sort_keys=True) + "\n")

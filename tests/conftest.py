@@ -1,0 +1,68 @@
+"""Shared fixtures: offline environment, a tiny base model and the demo data, built once."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+for _var, _value in {
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "DVC_NO_ANALYTICS": "1",
+    "GX_ANALYTICS_ENABLED": "false",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "DO_NOT_TRACK": "1",
+}.items():
+    os.environ[_var] = _value
+
+from rlhf_tasks import base_model, demo  # noqa: E402
+from rlhf_tasks.cli import main  # noqa: E402
+from rlhf_tasks.config import DataConfig, DemoConfig, ModelConfig, Params  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def base_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo's tiny base model (tokenizer + random-init Llama), built once per session."""
+    out = tmp_path_factory.mktemp("base_model")
+    base_model.build(Params(model=ModelConfig(name_or_path=str(out))), out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def demo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A directory holding the demo data set under data/, generated once per session."""
+    root = tmp_path_factory.mktemp("demo")
+    demo.generate(DemoConfig(), DataConfig(), root=root)
+    return root
+
+
+@pytest.fixture
+def project(
+    tmp_path: Path, base_model_dir: Path, demo_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> Path:
+    """A project directory (the repo's params.yaml, the demo data, the tiny model) as cwd."""
+    shutil.copytree(demo_root / "data", tmp_path / "data")
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["model"]["name_or_path"] = str(base_model_dir)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.fixture
+def rlhf(capsys: pytest.CaptureFixture[str]):
+    """Run the ``rlhf`` CLI in-process: ``code, out, err = rlhf("validate", "x.jsonl")``."""
+
+    def run(*argv: str) -> tuple[int, str, str]:
+        code = main([str(a) for a in argv])
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    return run
