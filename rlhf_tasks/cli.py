@@ -22,6 +22,7 @@ from pathlib import Path
 
 from rlhf_tasks.config import DEFAULT_PARAMS, Params, load_params
 from rlhf_tasks.errors import ConfigError, DataError, UserError
+from rlhf_tasks.stages import STAGES
 
 # Privacy by default: no analytics from the libraries this tool drives.
 for _var, _value in {
@@ -30,8 +31,6 @@ for _var, _value in {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
 }.items():
     os.environ.setdefault(_var, _value)
-
-STAGES = ("base_model", "validate")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -73,7 +72,7 @@ def _parser() -> argparse.ArgumentParser:
     _common(d)
 
     p = sub.add_parser("stage", help="run one pipeline stage (what dvc.yaml calls)")
-    p.add_argument("name", choices=STAGES)
+    p.add_argument("name", choices=list(STAGES))
     _common(p)
     return parser
 
@@ -154,19 +153,9 @@ def _dvc_md5(dvc_file: Path) -> str:
 
 
 def cmd_stage(args: argparse.Namespace, params: Params) -> int:
-    if args.name == "base_model":
-        from rlhf_tasks import base_model
-
-        result = base_model.build(params)
-        print(json.dumps(result, indent=2))
-        return 0
-    if args.name == "validate":
-        from rlhf_tasks import validate
-
-        report, result = validate.validate(params)
-        print(validate.summary(report, result["outputs"]))
-        return 0 if report.valid else 1
-    raise ConfigError(f"unknown stage {args.name!r}")
+    result = STAGES[args.name](params)
+    print(f"stage {args.name}: {json.dumps(result['outputs'])}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -52,6 +52,7 @@ HH_ASSISTANT = "\n\nAssistant:"
 _SURROGATES = re.compile("[\ud800-\udfff]")
 # U+FFFD stands in for bytes that were not valid UTF-8 (see _clean_text); the gate reports it.
 REPLACEMENT_CHAR = "\ufffd"
+BOM = "\ufeff"  # a UTF-8 byte-order mark that some editors and spreadsheets put first
 
 
 @dataclass
@@ -98,6 +99,8 @@ def _read_records(path: Path) -> Iterator[tuple[int, dict[str, Any] | None, str 
         with path.open("rb") as fh:
             for number, raw in enumerate(fh, start=1):
                 text = raw.decode("utf-8", errors="surrogateescape")
+                if number == 1:
+                    text = text.removeprefix(BOM)
                 if not text.strip():
                     continue
                 try:
@@ -110,7 +113,7 @@ def _read_records(path: Path) -> Iterator[tuple[int, dict[str, Any] | None, str 
                     continue
                 yield number, record, None
     elif suffix == ".json":
-        text = path.read_bytes().decode("utf-8", errors="surrogateescape")
+        text = path.read_bytes().decode("utf-8-sig", errors="surrogateescape")
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
@@ -127,7 +130,8 @@ def _read_records(path: Path) -> Iterator[tuple[int, dict[str, Any] | None, str 
             else:
                 yield index, None, f"expected a JSON object, got {type(record).__name__}"
     elif suffix == ".csv":
-        text = path.read_bytes().decode("utf-8", errors="surrogateescape")
+        # utf-8-sig: spreadsheets write a byte-order mark, which would rename the first column.
+        text = path.read_bytes().decode("utf-8-sig", errors="surrogateescape")
         reader = csv.DictReader(io.StringIO(text, newline=""))
         try:
             for row in reader:
@@ -197,8 +201,22 @@ def _split_hh(chosen: str, rejected: str) -> tuple[str, str, str]:
     return prompt, chosen[end:].strip(), rejected[end:].strip()
 
 
+def _margin(value: Any) -> Any:
+    """A margin is a number; CSV cells are text, so "2.0" is 2.0 and an empty cell no margin."""
+    if not isinstance(value, str):
+        return value
+    if not value.strip():
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise ValueError(f"'margin' must be a number, got {value!r}") from None
+
+
 def normalise_record(record: dict[str, Any], kind: str) -> tuple[dict[str, Any], str]:
     """Return (normalised fields, format name); raise ValueError if the record has no known form."""
+    if "margin" in record:
+        record = {**record, "margin": _margin(record["margin"])}
     out = {k: record[k] for k in OPTIONAL_COLUMNS if k in record and record[k] is not None}
     if kind == "preferences":
         chosen, rejected = record.get("chosen"), record.get("rejected")

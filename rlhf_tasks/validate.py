@@ -44,7 +44,7 @@ import pandas as pd
 
 from rlhf_tasks.config import Params, ValidateConfig
 from rlhf_tasks.data import Dataset, load, write_jsonl
-from rlhf_tasks.errors import ConfigError
+from rlhf_tasks.errors import ConfigError, DataError
 
 DEFAULT_OUT = Path("artifacts/validate")
 CONTROL_CHARS = "[\x00-\x08\x0b-\x1f\x7f-\x9f]"
@@ -107,19 +107,23 @@ def _add_helper_columns(
     cols = set(frame.columns)
     if tokenizer is not None and "prompt" in cols:
         # Tokens of prompt + response, as the trainers will see them (special tokens included).
-        responses = [c for c in _responses(ds) if c in cols] or [None]
-        for response in responses:
-            texts, rows = [], []
-            for idx, row in frame.iterrows():
-                parts = [row["prompt"]] + ([row[response]] if response else [])
-                if all(isinstance(p, str) for p in parts):
-                    texts.append(" ".join(parts))
-                    rows.append(idx)
-            counts = pd.Series([None] * len(frame), index=frame.index, dtype=object)
+        prompts = frame["prompt"].tolist()
+        for response in [c for c in _responses(ds) if c in cols] or [None]:
+            replies = frame[response].tolist() if response else [""] * len(frame)
+            rows = [
+                i
+                for i, (p, r) in enumerate(zip(prompts, replies, strict=True))
+                if isinstance(p, str) and isinstance(r, str)
+            ]
+            texts = [f"{prompts[i]} {replies[i]}".rstrip() for i in rows]
+            counts: list[int | None] = [None] * len(frame)
             if texts:
                 ids = tokenizer(texts, add_special_tokens=True)["input_ids"]
-                counts.loc[rows] = [len(x) for x in ids]
-            frame[f"_tokens_{response or 'prompt'}"] = counts
+                for i, tokens in zip(rows, ids, strict=True):
+                    counts[i] = len(tokens)
+            frame[f"_tokens_{response or 'prompt'}"] = pd.Series(
+                counts, index=frame.index, dtype=object
+            )
     if heldout_prompts is not None and "prompt" in cols:
         frame["_heldout_prompt"] = [
             isinstance(p, str) and p.strip() in heldout_prompts for p in frame["prompt"]
@@ -507,3 +511,21 @@ def summary(report: Report, outputs: dict[str, str]) -> str:
                 lines.append(f"         {ex['file']}:{ex['line']}  {what}")
     lines.append(f"  report: {outputs['report']}   Data Docs: {outputs['data_docs']}")
     return "\n".join(lines)
+
+
+class ValidationFailed(DataError):
+    """The gate stopped the run: at least one check with severity ``error`` failed."""
+
+
+def run(params: Params, out_dir: Path = DEFAULT_OUT) -> dict[str, Any]:
+    """The ``validate`` stage: run the gate on params.yaml's data, print the summary, and raise
+    ValidationFailed (after writing the report) when the data must not reach training."""
+    report, result = validate(params, out_dir=out_dir)
+    print(summary(report, result["outputs"]))
+    if not report.valid:
+        failed = ", ".join(sorted({f"{c.dataset}/{c.check}" for c in report.failed}))
+        raise ValidationFailed(
+            f"validation gate failed ({failed}); nothing downstream ran. "
+            f"Details: {result['outputs']['report']}"
+        )
+    return result

@@ -1,0 +1,236 @@
+"""The demo data under DVC: data.dvc's md5, a push/pull round trip, and a fresh clone's `dvc repro`.
+
+The DVC tests run the real ``dvc`` and ``rlhf`` executables of the virtualenv running the tests,
+in temporary git repositories, as a user on a fresh machine would.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from rlhf_tasks import demo
+from rlhf_tasks.config import load_params
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent  # the virtualenv's bin: dvc, rlhf
+FIX_DATA_DVC = (
+    "run `rlhf data demo --force && dvc add data` and commit data.dvc "
+    "(the demo generator or params.yaml's demo section changed without updating data.dvc)"
+)
+
+
+def _env() -> dict[str, str]:
+    return {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        "DVC_NO_ANALYTICS": "1",
+        "GIT_AUTHOR_NAME": "test",
+        "GIT_AUTHOR_EMAIL": "test@example.com",
+        "GIT_COMMITTER_NAME": "test",
+        "GIT_COMMITTER_EMAIL": "test@example.com",
+    }
+
+
+def sh(*cmd: str | Path, cwd: Path, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run a command; on an unexpected failure, show its output in the assertion."""
+    proc = subprocess.run(
+        [str(c) for c in cmd],
+        cwd=cwd,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if check:
+        assert proc.returncode == 0, (
+            f"`{' '.join(map(str, cmd))}` exited {proc.returncode}\n"
+            f"--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}"
+        )
+    return proc
+
+
+def _tree_bytes(root: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+    }
+
+
+def _outs(dvc_file: Path) -> dict:
+    (out,) = yaml.safe_load(dvc_file.read_text(encoding="utf-8"))["outs"]
+    return out
+
+
+def _git_dvc_repo(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    sh("git", "init", "-q", cwd=path)
+    sh(BIN / "dvc", "init", "-q", cwd=path)
+    return path
+
+
+def _fresh_clone(dest: Path) -> Path:
+    """The repo's git-tracked files as they are in the working tree, committed in a new repo."""
+    listed = sh("git", "-C", ROOT, "ls-files", "-z", cwd=ROOT).stdout.split("\0")
+    files = [f for f in listed if f and (ROOT / f).is_file()]
+    assert "data.dvc" in files and "dvc.lock" in files and "params.yaml" in files
+    for rel in files:
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / rel, dest / rel)
+    sh("git", "init", "-q", cwd=dest)
+    sh("git", "add", "-A", cwd=dest)
+    sh("git", "commit", "-q", "-m", "fresh clone", cwd=dest)
+    assert not (dest / "data").exists(), "data/ must come from the generator, not from git"
+    return dest
+
+
+# -- data.dvc is the generator's output ---------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_demo_data_md5_matches_data_dvc(tmp_path: Path):
+    repo = _git_dvc_repo(tmp_path / "repo")
+    params = load_params(ROOT / "params.yaml")
+    demo.generate(params.demo, params.data, root=repo)
+    sh(BIN / "dvc", "add", params.data.dir, cwd=repo)
+    generated = _outs(repo / f"{params.data.dir}.dvc")
+    committed = _outs(ROOT / "data.dvc")
+    assert committed["path"] == params.data.dir
+    assert generated["md5"] == committed["md5"], (
+        f"the demo data's md5 is {generated['md5']} but data.dvc says {committed['md5']}: "
+        + FIX_DATA_DVC
+    )
+    assert (generated["size"], generated["nfiles"]) == (committed["size"], committed["nfiles"]), (
+        FIX_DATA_DVC
+    )
+
+
+# -- the remote ---------------------------------------------------------------------------------
+
+
+def test_local_remote_is_inside_the_repo_and_git_ignored():
+    config = (ROOT / ".dvc" / "config").read_text(encoding="utf-8")
+    assert "remote = local" in config
+    assert "url = ../dvc-remote" in config  # relative to .dvc/: <repo>/dvc-remote
+    assert sh("git", "check-ignore", "-q", "dvc-remote", cwd=ROOT, check=False).returncode == 0
+    assert sh("git", "check-ignore", "-q", "data", cwd=ROOT, check=False).returncode == 0
+
+
+@pytest.mark.slow
+def test_push_pull_round_trip(tmp_path: Path, demo_root: Path):
+    repo = _git_dvc_repo(tmp_path / "repo")
+    # The project's own DVC config: its default remote `local` resolves to <repo>/dvc-remote.
+    shutil.copyfile(ROOT / ".dvc" / "config", repo / ".dvc" / "config")
+    shutil.copytree(demo_root / "data", repo / "data")
+    original = _tree_bytes(repo / "data")
+    assert original
+
+    sh(BIN / "dvc", "add", "data", cwd=repo)
+    sh(BIN / "dvc", "push", cwd=repo)
+    remote = repo / "dvc-remote"
+    pushed = [p for p in remote.rglob("*") if p.is_file()]
+    assert len(pushed) == len(original) + 1  # every file and the directory listing (.dir)
+
+    shutil.rmtree(repo / "data")
+    shutil.rmtree(repo / ".dvc" / "cache")
+    assert not (repo / ".dvc" / "cache").exists()
+
+    sh(BIN / "dvc", "pull", cwd=repo)
+    assert _tree_bytes(repo / "data") == original
+    assert "up to date" in sh(BIN / "dvc", "status", cwd=repo).stdout.lower()
+    print(sh(BIN / "dvc", "status", "--cloud", cwd=repo).stdout)
+
+
+@pytest.mark.slow
+def test_pull_without_the_remote_fails(tmp_path: Path, demo_root: Path):
+    """The round trip above really reads the remote: without it, pull cannot restore data/."""
+    repo = _git_dvc_repo(tmp_path / "repo")
+    shutil.copyfile(ROOT / ".dvc" / "config", repo / ".dvc" / "config")
+    shutil.copytree(demo_root / "data", repo / "data")
+    sh(BIN / "dvc", "add", "data", cwd=repo)
+    shutil.rmtree(repo / "data")
+    shutil.rmtree(repo / ".dvc" / "cache")
+    proc = sh(BIN / "dvc", "pull", cwd=repo, check=False)
+    assert proc.returncode != 0
+    assert not (repo / "data" / "stats.json").exists()
+
+
+# -- a fresh clone ------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_fresh_clone_demo_check(tmp_path: Path):
+    """`make demo`'s first step on a fresh clone: no DVC cache, no remote data, only git.
+
+    data/ is generated and must be recognised as the version in data.dvc, though DVC's cache does
+    not hold it yet (`dvc status` says "not in cache" there, which is no mismatch).
+    """
+    clone = _fresh_clone(tmp_path / "clone")
+    proc = sh(BIN / "rlhf", "data", "demo", "--check", cwd=clone, check=False)
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    md5 = _outs(clone / "data.dvc")["md5"]
+    assert f"data/ matches data.dvc (md5 {md5})" in proc.stdout
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_fresh_clone_repro_reproduces_dvc_lock(tmp_path: Path):
+    """`rlhf data demo` + `dvc repro` on a fresh clone pass the gate and give the same dvc.lock."""
+    clone = _fresh_clone(tmp_path / "clone")
+    committed_lock = (clone / "dvc.lock").read_bytes()
+
+    sh(BIN / "rlhf", "data", "demo", cwd=clone)
+    repro = sh(BIN / "dvc", "repro", cwd=clone)
+    assert "Validation gate PASSED" in repro.stdout, repro.stdout
+    assert "Running stage 'base_model'" in repro.stdout
+    assert "Running stage 'validate'" in repro.stdout
+
+    status = sh(BIN / "dvc", "status", cwd=clone)
+    assert "Data and pipelines are up to date." in status.stdout, status.stdout
+
+    porcelain = sh("git", "status", "--porcelain", cwd=clone).stdout
+    diff = sh("git", "diff", "--", "dvc.lock", cwd=clone).stdout
+    assert "dvc.lock" not in porcelain, (
+        "a fresh clone's `dvc repro` changed dvc.lock: its outputs are not deterministic, or "
+        f"dvc.lock was not updated after a change to a stage's code or params.\n{diff}"
+    )
+    assert (clone / "dvc.lock").read_bytes() == committed_lock
+
+
+# -- `rlhf data demo` does not overwrite data silently ------------------------------------------
+
+
+def test_data_demo_refuses_to_overwrite_a_changed_file(project: Path, rlhf, demo_root: Path):
+    target = project / "data" / "prompts" / "rl.jsonl"
+    changed = b'{"prompt": "my own prompt"}\n'
+    target.write_bytes(changed)
+    (project / "data" / "stats.json").unlink()
+
+    code, _, err = rlhf("data", "demo")
+    assert code == 1
+    assert "data/prompts/rl.jsonl" in err
+    assert "--force" in err
+    assert "Traceback" not in err
+    assert target.read_bytes() == changed
+    # Nothing at all is written when it refuses, not even the missing file.
+    assert not (project / "data" / "stats.json").exists()
+
+    code, out, err = rlhf("data", "demo", "--force")
+    assert code == 0, err
+    assert target.read_bytes() == (demo_root / "data" / "prompts" / "rl.jsonl").read_bytes()
+    assert _tree_bytes(project / "data") == _tree_bytes(demo_root / "data")
+    assert "2 file(s) written" in out
+
+
+def test_data_demo_is_a_no_op_on_the_same_data(project: Path, rlhf, demo_root: Path):
+    before = {p: p.stat().st_mtime_ns for p in (project / "data").rglob("*") if p.is_file()}
+    code, out, err = rlhf("data", "demo")
+    assert code == 0, err
+    assert "0 file(s) written" in out
+    assert {p: p.stat().st_mtime_ns for p in (project / "data").rglob("*") if p.is_file()} == before
+    assert _tree_bytes(project / "data") == _tree_bytes(demo_root / "data")

@@ -1,0 +1,40 @@
+"""The Prefect flow runs the stages for real on Prefect's local test API."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from prefect.testing.utilities import prefect_test_harness
+
+from flows.pipeline import rlhf_pipeline
+from rlhf_tasks.stages import STAGES
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module", autouse=True)
+def prefect_api():
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def test_flow_runs_every_stage_in_order(project: Path) -> None:
+    state = rlhf_pipeline(params_path="params.yaml", return_state=True)
+    assert state.is_completed(), state.message
+    results = state.result()
+    assert list(results) == list(STAGES)
+    assert (project / "artifacts/validate/report.json").exists()
+    assert Path(results["validate"]["outputs"]["data"], "preferences_train.jsonl").exists()
+
+
+def test_failed_gate_fails_the_flow_and_writes_no_data(project: Path) -> None:
+    train = project / "data/preferences/train.jsonl"
+    train.write_text(train.read_text() + '{"prompt": "Tell me about dogs.", "chosen": \n')
+    state = rlhf_pipeline(params_path="params.yaml", return_state=True)
+    assert state.is_failed()
+    assert "validation gate failed" in state.message or "validation gate failed" in str(
+        state.result(raise_on_failure=False)
+    )
+    assert (project / "artifacts/validate/report.json").exists()
+    assert not (project / "artifacts/validate/data").exists()
