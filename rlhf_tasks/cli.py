@@ -87,11 +87,28 @@ def cmd_validate(args: argparse.Namespace, params: Params) -> int:
     return 0 if report.valid else 1
 
 
-def _dvc_status(target: str) -> dict:
+def check_data_version(dvc_file: Path) -> str:
+    """Check that the workspace data matches ``dvc_file`` and is in the DVC cache; return md5.
+
+    A fresh clone regenerates the demo data: it matches data.dvc but is not yet in the cache, so
+    it is committed to the cache (the .dvc file is unchanged: its hash was checked first).
+    """
     from dvc.repo import Repo
 
+    if not dvc_file.exists():
+        raise ConfigError(f"{dvc_file}: no such file; track the data with `dvc add`")
     with Repo(".") as repo:
-        return repo.status(targets=[target])
+        (stage,) = repo.stage.collect(str(dvc_file))
+        (out,) = stage.outs
+        if out.changed_checksum():
+            raise DataError(
+                f"{out} does not match {dvc_file} (md5 {out.hash_info.value}). If you changed the "
+                f"data on purpose, run `dvc add {out}` and commit {dvc_file}; to restore the "
+                "recorded version, `dvc checkout` (or `rlhf data demo --force` for the demo data)."
+            )
+        if out.changed_cache():
+            repo.commit(str(dvc_file), force=True)
+        return out.hash_info.value
 
 
 def cmd_data_demo(args: argparse.Namespace, params: Params) -> int:
@@ -134,22 +151,8 @@ def cmd_data_demo(args: argparse.Namespace, params: Params) -> int:
     )
     if args.check:
         dvc_file = Path(f"{data.dir}.dvc")
-        if not dvc_file.exists():
-            raise ConfigError(f"{dvc_file}: no such file; track the data with `dvc add {data.dir}`")
-        status = _dvc_status(str(dvc_file))
-        if status:
-            raise DataError(
-                f"{data.dir}/ does not match {dvc_file}: {json.dumps(status)}. The demo "
-                "generator or its params changed; run `dvc add data` and commit data.dvc."
-            )
-        print(f"{data.dir}/ matches {dvc_file} (md5 {_dvc_md5(dvc_file)})")
+        print(f"{data.dir}/ matches {dvc_file} (md5 {check_data_version(dvc_file)})")
     return 0
-
-
-def _dvc_md5(dvc_file: Path) -> str:
-    import yaml
-
-    return yaml.safe_load(dvc_file.read_text())["outs"][0]["md5"]
 
 
 def cmd_stage(args: argparse.Namespace, params: Params) -> int:

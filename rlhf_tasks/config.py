@@ -15,7 +15,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from rlhf_tasks.errors import ConfigError
 
@@ -80,6 +87,12 @@ class BaseModelConfig(_Section):
 
 class ValidateChecks(_Section):
     """Severity of each check: ``error`` fails the gate, ``warn`` only reports, ``off`` skips."""
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _bare_off(cls, value: Any) -> Any:
+        # YAML 1.1 reads a bare `off` as false; people mean the severity "off".
+        return "off" if value is False else value
 
     parseable: Severity = "error"
     required_columns: Severity = "error"

@@ -134,12 +134,14 @@ def _read_records(path: Path) -> Iterator[tuple[int, dict[str, Any] | None, str 
         text = path.read_bytes().decode("utf-8-sig", errors="surrogateescape")
         reader = csv.DictReader(io.StringIO(text, newline=""))
         try:
+            end = 1 if reader.fieldnames is not None else 0  # the header's last line
             for row in reader:
-                # line_num is the last physical line of the record; quoted fields may span lines.
+                # Name a record by its first line (quoted fields may span several lines).
+                start, end = end + 1, reader.line_num
                 if None in row:
-                    yield reader.line_num, None, "more fields than the header has"
+                    yield start, None, "more fields than the header has"
                     continue
-                yield reader.line_num, {k: v for k, v in row.items() if v is not None}, None
+                yield start, {k: v for k, v in row.items() if v is not None}, None
         except csv.Error as exc:
             yield reader.line_num, None, f"malformed CSV: {exc}"
     elif suffix == ".parquet":

@@ -72,7 +72,7 @@ def test_values_from_a_file_override_the_defaults(tmp_path: Path):
 
 
 def test_missing_file_is_a_config_error(tmp_path: Path):
-    with pytest.raises(ConfigError, match="nope.yaml"):
+    with pytest.raises(ConfigError, match=r"nope\.yaml"):
         load_params(tmp_path / "nope.yaml")
 
 

@@ -137,8 +137,10 @@ def test_respond_rejects_unknown_kind():
 
 def test_every_prompt_has_a_topic():
     prompts = demo.make_prompts()
-    assert len(prompts) == len(set(prompts)) == (
-        len(demo.TOPICS) * len(demo.TEMPLATES) * len(demo.CONTEXTS)
+    assert (
+        len(prompts)
+        == len(set(prompts))
+        == (len(demo.TOPICS) * len(demo.TEMPLATES) * len(demo.CONTEXTS))
     )
     for prompt in prompts:
         topic = demo.topic_of(prompt)

@@ -158,7 +158,8 @@ def test_parseable_csv_row_with_too_many_fields(project, rlhf):
     lines[8] = lines[8].rstrip("\r\n") + ",one field too many\r\n"  # data row 8, line 9
     path.write_text("".join(lines), newline="")
 
-    code, out, err = result = rlhf("validate", "bad.csv")
+    result = rlhf("validate", "bad.csv")
+    out = result[1]
     assert_fails(result, "parseable", "bad.csv:9")
     assert "more fields than the header has" in out
 
@@ -167,7 +168,8 @@ def test_required_columns_missing_rejected(project, rlhf):
     rows = [{k: v for k, v in row.items() if k != "rejected"} for row in base_rows()]
     write_jsonl("bad.jsonl", rows)
 
-    code, out, err = result = rlhf("validate", "bad.jsonl")
+    result = rlhf("validate", "bad.jsonl")
+    out = result[1]
     assert_fails(result, "required_columns")
     assert "column 'rejected' is missing" in out
 
@@ -258,7 +260,8 @@ def test_control_chars(project, rlhf):
 def test_min_rows(project, rlhf):
     write_jsonl("small.jsonl", base_rows(10))
 
-    code, out, err = result = rlhf("validate", "small.jsonl")
+    result = rlhf("validate", "small.jsonl")
+    out = result[1]
     assert_fails(result, "min_rows")
     assert "10 rows, need at least 100" in out
 
@@ -279,8 +282,10 @@ def heldout_rows(shared_prompt: str | None = None) -> list[dict]:
         {"prompt": f"Held-out question {i}?", "chosen": f"Answer {i}, in full.", "rejected": "No."}
         for i in range(20)
     ]
-    rows = [{**r, "chosen": r["rejected"], "rejected": r["chosen"]} if i % 2 else r for i, r in
-            enumerate(rows)]
+    rows = [
+        {**r, "chosen": r["rejected"], "rejected": r["chosen"]} if i % 2 else r
+        for i, r in enumerate(rows)
+    ]
     if shared_prompt is not None:
         rows[4]["prompt"] = shared_prompt
     return rows
@@ -342,12 +347,17 @@ def test_label_sanity_as_error_fails(project, rlhf):
 # -- severities, report, outputs ------------------------------------------------------------------
 
 
-def test_check_set_to_off_is_not_run(project, rlhf):
+# `off` is how params.yaml's comments and the config docstring spell it; YAML 1.1 reads a bare
+# off as the boolean false, which the config must still take as the severity "off".
+@pytest.mark.parametrize("severity", ["off", '"off"'])
+def test_check_set_to_off_is_not_run(project, rlhf, severity):
     rows = base_rows()
     rows[6]["chosen"] = rows[6]["rejected"]
     write_jsonl("bad.jsonl", rows)
 
-    code, out, err = rlhf("validate", "bad.jsonl", "-S", "validate.checks.chosen_differs=off")
+    code, out, err = rlhf(
+        "validate", "bad.jsonl", "-S", f"validate.checks.chosen_differs={severity}"
+    )
 
     assert code == 0, out + err
     assert "chosen_differs" not in out
