@@ -119,6 +119,8 @@ class ValidateConfig(_Section):
     max_tokens: int | None = Field(None, ge=1)
     # Warn when "chosen" is the longer (or the shorter) response in more than this share of pairs.
     label_sanity_threshold: float = Field(0.9, gt=0.5, le=1.0)
+    # ...judged only with at least this many pairs of unequal length.
+    label_sanity_min_pairs: int = Field(20, ge=1)
     max_examples: int = Field(5, ge=1)
     checks: ValidateChecks = ValidateChecks()
 

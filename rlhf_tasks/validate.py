@@ -129,8 +129,11 @@ def _add_helper_columns(
             isinstance(p, str) and p.strip() in heldout_prompts for p in frame["prompt"]
         ]
     if ds.kind in PAIR_KINDS and {"chosen", "rejected"} <= cols:
+        # 1.0 chosen longer, 0.0 shorter; pairs of equal length say nothing about the rule.
         frame["_chosen_longer"] = [
-            float(len(c) > len(r)) if isinstance(c, str) and isinstance(r, str) else None
+            float(len(c) > len(r))
+            if isinstance(c, str) and isinstance(r, str) and len(c) != len(r)
+            else None
             for c, r in zip(frame["chosen"], frame["rejected"], strict=True)
         ]
     return frame
@@ -218,14 +221,19 @@ def _expectations(
                     **ONLY_PARSED, column_list=["prompt", "chosen", "rejected"]
                 ),
             )
-        thr = cfg.label_sanity_threshold
-        add(
-            "label_sanity",
-            "_chosen_longer",
-            E.ExpectColumnMeanToBeBetween(
-                **ONLY_PARSED, column="_chosen_longer", min_value=round(1 - thr, 6), max_value=thr
-            ),
-        )
+        # Judged on pairs of unequal length, and only on enough of them to mean something.
+        if frame["_chosen_longer"].notna().sum() >= cfg.label_sanity_min_pairs:
+            thr = cfg.label_sanity_threshold
+            add(
+                "label_sanity",
+                "_chosen_longer",
+                E.ExpectColumnMeanToBeBetween(
+                    **ONLY_PARSED,
+                    column="_chosen_longer",
+                    min_value=round(1 - thr, 6),
+                    max_value=thr,
+                ),
+            )
     return out
 
 

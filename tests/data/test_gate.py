@@ -344,6 +344,34 @@ def test_label_sanity_as_error_fails(project, rlhf):
     assert_fails(result, "label_sanity")
 
 
+def test_label_sanity_ignores_pairs_of_equal_length(project, rlhf):
+    rows = longer_chosen_rows()
+    # 100 pairs of equal length would dilute "always longer" to 17% if they counted.
+    for row in rows[20:]:
+        row["rejected"] = row["chosen"][:-1] + "!"
+    write_jsonl("ties.jsonl", rows)
+
+    code, out, _ = rlhf("validate", "ties.jsonl")
+
+    assert code == 0
+    assert "chosen is the longer response in 100.0% of pairs" in out
+
+
+def test_label_sanity_needs_enough_pairs_to_judge(project, rlhf):
+    rows = longer_chosen_rows()
+    for row in rows[19:]:  # 19 pairs of unequal length: one short of label_sanity_min_pairs
+        row["rejected"] = row["chosen"][:-1] + "!"
+    write_jsonl("few.jsonl", rows)
+
+    code, out, _ = rlhf("validate", "few.jsonl")
+    assert code == 0
+    assert "label_sanity" not in out
+    assert all(c["check"] != "label_sanity" for c in read_report()["checks"])
+
+    code, out, _ = rlhf("validate", "few.jsonl", "-S", "validate.label_sanity_min_pairs=19")
+    assert "WARN label_sanity" in out
+
+
 # -- severities, report, outputs ------------------------------------------------------------------
 
 
