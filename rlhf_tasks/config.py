@@ -180,11 +180,14 @@ def load_params(path: str | Path = DEFAULT_PARAMS, overrides: list[str] | None =
         return Params.model_validate(raw)
     except ValidationError as exc:
         lines = []
+        overridden = {item.partition("=")[0].strip() for item in overrides or []}
         for err in exc.errors():
             key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+            source = "-S" if key in overridden else str(path)
             if err["type"] == "extra_forbidden":
-                lines.append(f"{path}: unknown key {key!r}")
+                lines.append(f"{source}: unknown key {key!r}")
+            elif err["type"] == "value_error":  # our cross-field checks name their keys
+                lines.append(f"{source}: {key}: {err['msg'].removeprefix('Value error, ')}")
             else:
-                got = err.get("input")
-                lines.append(f"{path}: {key}: {err['msg']} (got {got!r})")
+                lines.append(f"{source}: {key}: {err['msg']} (got {err.get('input')!r})")
         raise ConfigError("\n".join(lines)) from None
