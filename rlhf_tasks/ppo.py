@@ -1,8 +1,8 @@
 """Stage ``ppo``: our own PPO for language models (TRL removed its PPO trainer in 1.13).
 
 This module holds the PPO maths as plain functions on tensors, each tested with hand-computed
-values in ``tests/code/test_ppo_math.py``. The trainer loop that will use them (rollout,
-scoring, updates, checkpoints) is not written yet. The algorithm is
+values in ``tests/code/test_ppo_math.py``, then the trainer that uses them (``train``: rollout,
+scoring, PPO epochs, checkpoints that resume exactly). The algorithm is
 the InstructGPT form (Ouyang et al., 2022; Ziegler et al., 2019, "Fine-Tuning Language Models
 from Human Preferences"), with the details of "The N Implementation Details of RLHF with PPO"
 (Huang et al., 2024) that TRL's PPOTrainer used:
@@ -21,9 +21,50 @@ natural logs of the sampled tokens, shape (B, T).
 
 from __future__ import annotations
 
+import json
+import shutil
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field
+from tqdm.auto import tqdm
+
+DEFAULT_OUT = Path("artifacts/ppo")
+
+
+class PPOConfig(BaseModel):
+    """Hyperparameters of PPO (params.yaml section ``ppo``), with their meaning."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    policy: str = "artifacts/sft/model"  # initial policy, and the frozen reference for the KL
+    reward_model: str = "artifacts/reward/model"
+    value_model: str | None = None  # None: initialise the value model from the reward model
+    prompts: str = "artifacts/validate/data/prompts_rl.jsonl"
+    total_episodes: int = Field(2048, gt=0)  # prompts answered over the run
+    rollout_batch_size: int = Field(64, gt=0)  # prompts per update
+    mini_batch_size: int = Field(16, gt=0)
+    ppo_epochs: int = Field(4, gt=0)  # passes over each rollout batch
+    learning_rate: float = Field(1e-4, ge=0)  # policy
+    value_learning_rate: float = Field(1e-4, ge=0)
+    response_length: int = Field(40, gt=0)  # max new tokens
+    temperature: float = Field(0.7, gt=0)
+    kl_coef: float = Field(0.05, ge=0)  # initial beta of the per-token KL penalty
+    target_kl: float | None = Field(None, gt=0)  # set: adaptive KL coefficient towards it
+    kl_horizon: int = Field(10000, gt=0)
+    gamma: float = Field(1.0, ge=0, le=1)
+    lam: float = Field(0.95, ge=0, le=1)
+    cliprange: float = Field(0.2, gt=0)
+    cliprange_value: float = Field(0.2, gt=0)
+    vf_coef: float = Field(0.1, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    missing_eos_penalty: float | None = 1.0  # subtracted from the score of unfinished responses
+    save_every: int = Field(8, gt=0)  # updates between checkpoints
+    keep_checkpoints: int = Field(2, gt=0)
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    seed: int = 0
 
 
 def response_mask(responses: torch.Tensor, eos_token_id: int) -> torch.Tensor:
@@ -179,3 +220,287 @@ class KLController:
 
     def load_state_dict(self, state: dict) -> None:
         self.value, self.target, self.horizon = state["value"], state["target"], state["horizon"]
+
+
+# -- the trainer --------------------------------------------------------------------------------
+#
+# One update = one rollout batch: sample responses to `rollout_batch_size` prompts, score them,
+# compute advantages, then `ppo_epochs` passes of minibatch updates of the policy and the value
+# model. All randomness of update `u` comes from seeding with `seed + u` at its start, so a run
+# resumed from a checkpoint makes exactly the updates an uninterrupted run makes.
+
+
+def sequence_logprobs(
+    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, context_len: int, temp: float
+) -> torch.Tensor:
+    """Log-probs (B, T) of the response tokens ``input_ids[:, context_len:]`` under ``model``.
+
+    Logits are divided by the sampling temperature, so that they are the log-probs the tokens
+    were sampled with (Huang et al., 2024, detail 8).
+    """
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # left padding of the prompt
+    logits = model(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
+    ).logits
+    logits = logits[:, context_len - 1 : -1].float() / temp  # position t predicts token t + 1
+    responses = input_ids[:, context_len:]
+    return torch.gather(logits.log_softmax(-1), 2, responses.unsqueeze(-1)).squeeze(-1)
+
+
+def token_scores(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The scalar head of a sequence-classification model at every position, (B, L).
+
+    The reward model's score of a sequence is this at its last real token; the value model's
+    value of the state before response token t is this at position t - 1.
+    """
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    backbone = getattr(model, model.base_model_prefix)
+    hidden = backbone(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
+    ).last_hidden_state
+    return model.score(hidden).squeeze(-1).float()
+
+
+def _load_prompts(path: Path, tokenizer: Any) -> list[list[int]]:
+    """Prompts rendered with the chat template's generation prompt, as token ids."""
+    prompts = [json.loads(line)["prompt"] for line in path.open(encoding="utf-8") if line.strip()]
+    texts = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False
+        )
+        for p in prompts
+    ]
+    # The template writes the BOS itself.
+    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+
+def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    return ids, mask
+
+
+def _checkpoint_dirs(out_dir: Path) -> list[Path]:
+    found = [
+        p
+        for p in (out_dir / "checkpoints").glob("update-*")
+        if p.name.split("-")[1].isdigit() and (p / "state.pt").exists()
+    ]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def train(cfg: PPOConfig, out_dir: Path = DEFAULT_OUT) -> dict[str, Any]:
+    """Run PPO from ``cfg.policy`` against ``cfg.reward_model``; resume from the last checkpoint
+    in ``out_dir/checkpoints``. Writes the policy to ``out_dir/model``, the per-update metrics to
+    ``out_dir/history.jsonl`` and the final metrics to ``out_dir/metrics.json``."""
+    from accelerate import Accelerator
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    accelerator = Accelerator(
+        mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available()
+    )
+    device = accelerator.device
+    tokenizer = AutoTokenizer.from_pretrained(cfg.policy)
+    pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+
+    # Models: the policy and its frozen copy (the reference, for the KL penalty), the frozen
+    # reward model, and the value model (initialised from the reward model by default).
+    policy = AutoModelForCausalLM.from_pretrained(cfg.policy)
+    ref_policy = AutoModelForCausalLM.from_pretrained(cfg.policy).to(device).eval()
+    reward_model = AutoModelForSequenceClassification.from_pretrained(cfg.reward_model)
+    reward_model = reward_model.to(device).eval()
+    value_model = AutoModelForSequenceClassification.from_pretrained(
+        cfg.value_model or cfg.reward_model
+    )
+    for model in (policy, value_model):
+        for module in model.modules():  # PPO's ratios need deterministic forward passes
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+
+    n_updates = max(1, cfg.total_episodes // cfg.rollout_batch_size)
+    policy_opt = torch.optim.AdamW(policy.parameters(), lr=cfg.learning_rate, eps=1e-5)
+    value_opt = torch.optim.AdamW(value_model.parameters(), lr=cfg.value_learning_rate, eps=1e-5)
+    # Linear decay to 0 over the run, one scheduler step per update.
+    policy_sched = torch.optim.lr_scheduler.LambdaLR(policy_opt, lambda u: 1 - u / n_updates)
+    value_sched = torch.optim.lr_scheduler.LambdaLR(value_opt, lambda u: 1 - u / n_updates)
+    policy, value_model, policy_opt, value_opt = accelerator.prepare(
+        policy, value_model, policy_opt, value_opt
+    )
+    kl_ctl = KLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon)
+
+    prompts = _load_prompts(Path(cfg.prompts), tokenizer)
+    start, history = 0, []
+    checkpoints = _checkpoint_dirs(out_dir)
+    if checkpoints:
+        start, history = _load_checkpoint(
+            checkpoints[-1], accelerator, policy, value_model, policy_opt, value_opt,
+            policy_sched, value_sched, kl_ctl,
+        )  # fmt: skip
+
+    progress = tqdm(range(start, n_updates), desc="ppo", initial=start, total=n_updates)
+    for update in progress:
+        torch.manual_seed(cfg.seed + update)
+        order = torch.randperm(len(prompts))  # a fresh draw of prompts per update
+        batch = [prompts[i] for i in order[: cfg.rollout_batch_size].tolist()]
+        queries, query_mask = (t.to(device) for t in _left_pad(batch, pad_id))
+        context_len = queries.shape[1]
+
+        # 1. Rollout: sample, cut after the first EOS, score.
+        policy.eval()
+        with torch.no_grad():
+            generated = accelerator.unwrap_model(policy).generate(
+                input_ids=queries,
+                attention_mask=query_mask,
+                max_new_tokens=cfg.response_length,
+                do_sample=True,
+                temperature=cfg.temperature,
+                top_k=0,
+                top_p=1.0,
+                pad_token_id=pad_id,
+                eos_token_id=eos_id,
+            )
+            responses = generated[:, context_len:]
+            responses = torch.nn.functional.pad(
+                responses, (0, cfg.response_length - responses.shape[1]), value=pad_id
+            )
+            responses, mask = truncate_after_eos(responses, eos_id, pad_id)
+            sequences = torch.cat([queries, responses], dim=1)  # (B, context_len + T)
+            attention = torch.cat([query_mask, mask], dim=1)
+            logprobs = sequence_logprobs(policy, sequences, attention, context_len, cfg.temperature)
+            ref_logprobs = sequence_logprobs(
+                ref_policy, sequences, attention, context_len, cfg.temperature
+            )
+            values = token_scores(value_model, sequences, attention)[:, context_len - 1 : -1]
+            last = context_len - 1 + mask.sum(1)  # position of each sequence's last real token
+            scores = token_scores(reward_model, sequences, attention)[torch.arange(len(last)), last]
+            has_eos = (responses == eos_id).any(1)
+            if cfg.missing_eos_penalty is not None:
+                scores = torch.where(has_eos, scores, scores - cfg.missing_eos_penalty)
+
+            # 2. Rewards with the KL penalty, then GAE advantages, whitened over real tokens.
+            rewards, kl = token_rewards(scores, logprobs, ref_logprobs, mask, kl_ctl.value)
+            advantages, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
+            advantages = masked_whiten(advantages, mask)
+
+        # 3. PPO epochs over shuffled minibatches.
+        policy.train()
+        value_model.train()
+        stats: dict[str, list[float]] = {k: [] for k in ("pg", "vf", "approxkl", "clip", "vclip")}
+        stats["ratio"] = []
+        for _ in range(cfg.ppo_epochs):
+            for idx in torch.randperm(len(batch)).split(cfg.mini_batch_size):
+                seq, att, m = sequences[idx], attention[idx], mask[idx]
+                new_logprobs = sequence_logprobs(policy, seq, att, context_len, cfg.temperature)
+                pg = policy_loss(new_logprobs, logprobs[idx], advantages[idx], m, cfg.cliprange)
+                new_values = token_scores(value_model, seq, att)[:, context_len - 1 : -1]
+                vf, vclip = value_loss(
+                    new_values, values[idx], returns[idx], m, cfg.cliprange_value
+                )
+                accelerator.backward(pg.loss + cfg.vf_coef * vf)
+                accelerator.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
+                accelerator.clip_grad_norm_(value_model.parameters(), cfg.max_grad_norm)
+                policy_opt.step()
+                value_opt.step()
+                policy_opt.zero_grad()
+                value_opt.zero_grad()
+                for key, value in zip(
+                    ("pg", "vf", "approxkl", "clip", "vclip", "ratio"),
+                    (pg.loss, vf, pg.approxkl, pg.clipfrac, vclip, pg.ratio),
+                    strict=True,
+                ):
+                    stats[key].append(value.item())
+        policy_sched.step()
+        value_sched.step()
+
+        # 4. Metrics under TRL's names, the KL controller, a checkpoint now and then.
+        mean_kl = kl.sum(1).mean().item()
+        row = {
+            "update": update + 1,
+            "episode": (update + 1) * cfg.rollout_batch_size,
+            "objective/kl": mean_kl,
+            "objective/scores": scores.mean().item(),
+            "objective/rlhf_reward": (scores - kl_ctl.value * kl.sum(1)).mean().item(),
+            "objective/kl_coef": kl_ctl.value,
+            "policy/approxkl_avg": _mean(stats["approxkl"]),
+            "policy/clipfrac_avg": _mean(stats["clip"]),
+            "loss/policy_avg": _mean(stats["pg"]),
+            "loss/value_avg": _mean(stats["vf"]),
+            "val/clipfrac_avg": _mean(stats["vclip"]),
+            "val/ratio": _mean(stats["ratio"]),
+            "val/ratio_first": stats["ratio"][0],
+            "val/approxkl_first": stats["approxkl"][0],
+            "val/num_eos_tokens": has_eos.sum().item(),
+            "val/response_length": mask.sum(1).float().mean().item(),
+            "lr": policy_sched.get_last_lr()[0],
+        }
+        history.append(row)
+        kl_ctl.update(mean_kl, cfg.rollout_batch_size)
+        progress.set_postfix(score=f"{row['objective/scores']:.2f}", kl=f"{mean_kl:.2f}")
+        if (update + 1) % cfg.save_every == 0 or update + 1 == n_updates:
+            _save_checkpoint(
+                out_dir / "checkpoints" / f"update-{update + 1}", accelerator, policy,
+                value_model, policy_opt, value_opt, policy_sched, value_sched, kl_ctl, history,
+                cfg.keep_checkpoints,
+            )  # fmt: skip
+
+    model_dir = out_dir / "model"
+    accelerator.unwrap_model(policy).save_pretrained(model_dir, safe_serialization=True)
+    tokenizer.save_pretrained(model_dir)
+    with (out_dir / "history.jsonl").open("w") as fh:
+        fh.writelines(json.dumps(r) + "\n" for r in history)
+    final = history[-1] if history else {}
+    metrics = {k: v for k, v in final.items() if "/" in k}
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    return {"outputs": {"model": str(model_dir), "history": str(out_dir / "history.jsonl")},
+            "metrics": metrics}  # fmt: skip
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / max(len(values), 1)
+
+
+def _save_checkpoint(
+    path: Path, accelerator: Any, policy: Any, value_model: Any, policy_opt: Any, value_opt: Any,
+    policy_sched: Any, value_sched: Any, kl_ctl: KLController, history: list[dict], keep: int,
+) -> None:  # fmt: skip
+    """Everything needed to continue exactly: weights, optimizers, schedulers, KL coefficient,
+    the metrics so far. (The RNG needs no saving: each update seeds itself.)"""
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.unwrap_model(policy).save_pretrained(tmp / "policy", safe_serialization=True)
+    accelerator.unwrap_model(value_model).save_pretrained(tmp / "value", safe_serialization=True)
+    torch.save(
+        {
+            "policy_opt": policy_opt.state_dict(),
+            "value_opt": value_opt.state_dict(),
+            "policy_sched": policy_sched.state_dict(),
+            "value_sched": value_sched.state_dict(),
+            "kl_ctl": kl_ctl.state_dict(),
+            "update": int(path.name.split("-")[1]),
+        },
+        tmp / "state.pt",
+    )
+    (tmp / "history.json").write_text(json.dumps(history))
+    shutil.rmtree(path, ignore_errors=True)
+    tmp.rename(path)  # a checkpoint is complete or absent, never half-written
+    for old in _checkpoint_dirs(path.parent)[:-keep]:
+        shutil.rmtree(old)
+
+
+def _load_checkpoint(
+    path: Path, accelerator: Any, policy: Any, value_model: Any, policy_opt: Any, value_opt: Any,
+    policy_sched: Any, value_sched: Any, kl_ctl: KLController,
+) -> tuple[int, list[dict]]:  # fmt: skip
+    from safetensors.torch import load_file
+
+    for model, name in ((policy, "policy"), (value_model, "value")):
+        state = load_file(str(path / name / "model.safetensors"))
+        accelerator.unwrap_model(model).load_state_dict(state, strict=False)
+    state = torch.load(path / "state.pt", weights_only=True)
+    policy_opt.load_state_dict(state["policy_opt"])
+    value_opt.load_state_dict(state["value_opt"])
+    policy_sched.load_state_dict(state["policy_sched"])
+    value_sched.load_state_dict(state["value_sched"])
+    kl_ctl.load_state_dict(state["kl_ctl"])
+    return state["update"], json.loads((path / "history.json").read_text())
