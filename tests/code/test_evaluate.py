@@ -1,0 +1,113 @@
+"""The evaluate stage: metric definitions on literals, and a run on the tiny model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from rlhf_tasks.evaluate import EvaluateConfig, _chat, _win_rate, distinct_2, reward_scores, run
+from rlhf_tasks.ppo import token_scores
+
+REQUIRED = {
+    "reward_model/accuracy",
+    "reward_model/accuracy_gold",
+    "policy/reward_mean",
+    "sft/reward_mean",
+    "policy/kl_to_sft",
+    "policy/mean_length",
+    "policy/distinct_2",
+    "sft/mean_length",
+    "sft/distinct_2",
+    "gold/policy_score",
+    "gold/sft_score",
+    "gold/win_rate_vs_sft",
+    "judge/win_rate_vs_sft",
+}
+
+
+@pytest.fixture(scope="module")
+def reward_dir(base_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("reward")
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(base_model_dir, num_labels=1)
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(base_model_dir).save_pretrained(out)
+    return out
+
+
+def test_distinct_2_counts_unique_word_bigrams() -> None:
+    assert distinct_2(["a b c", "a b d"]) == pytest.approx(3 / 4)  # (a b) twice, (b c), (b d)
+    assert distinct_2(["dogs dogs dogs dogs"]) == pytest.approx(1 / 3)
+
+
+def test_win_rate_counts_ties_as_half() -> None:
+    assert _win_rate([2.0, 1.0, 0.0], [1.0, 1.0, 1.0]) == pytest.approx(0.5)
+
+
+def test_evaluation_scores_like_ppo_does(base_model_dir: Path, reward_dir: Path) -> None:
+    """The score evaluation reports is the score PPO maximised: same text, same last token."""
+    tokenizer = AutoTokenizer.from_pretrained(base_model_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(reward_dir).eval()
+    prompts = ["Tell me about dogs.", "Describe rain."]
+    responses = ["Dogs are loyal friends.", "Rain falls from dark clouds. It is lovely."]
+    scores = reward_scores(model, tokenizer, prompts, responses)
+    for prompt, response, score in zip(prompts, responses, scores, strict=True):
+        ids = tokenizer(_chat(tokenizer, prompt, response), add_special_tokens=False)["input_ids"]
+        ids = torch.tensor([ids])
+        with torch.no_grad():
+            per_token = token_scores(model, ids, torch.ones_like(ids))
+        assert score == pytest.approx(per_token[0, -1].item(), abs=1e-5)
+    assert tokenizer.decode(ids[0]).endswith("It is lovely.</s>")
+
+
+def test_run_writes_every_metric_report_and_plots(
+    base_model_dir: Path, reward_dir: Path, demo_root: Path, tmp_path: Path
+) -> None:
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(
+        "".join(
+            json.dumps({"prompt": f"Tell me about {t}."}) + "\n"
+            for t in ("dogs", "cats", "rain", "music")
+        )
+    )
+    history = tmp_path / "history.jsonl"
+    history.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "episode": e,
+                    "objective/scores": 0.1 * e,
+                    "objective/rlhf_reward": 0.0,
+                    "objective/kl": 0.01 * e,
+                }
+            )
+            + "\n"
+            for e in (8, 16)
+        )
+    )
+    cfg = EvaluateConfig(
+        policy=str(base_model_dir),
+        sft=str(base_model_dir),
+        reward_model=str(reward_dir),
+        prompts=str(prompts),
+        pairs=str(demo_root / "data/preferences/heldout.jsonl"),
+        history=str(history),
+        max_new_tokens=8,
+    )
+    result = run(cfg, tmp_path / "out")
+
+    metrics = json.loads((tmp_path / "out/metrics.json").read_text())
+    assert set(metrics) >= REQUIRED
+    assert metrics == result["metrics"]
+    # The same model as policy and SFT, sampled with the same seed: identical generations.
+    assert metrics["policy/kl_to_sft"] == pytest.approx(0.0, abs=1e-6)
+    assert metrics["gold/win_rate_vs_sft"] == pytest.approx(0.5)
+    assert 0.0 <= metrics["reward_model/accuracy"] <= 1.0
+    report = (tmp_path / "out/report.md").read_text()
+    assert "| prompt | SFT | policy |" in report and "Tell me about dogs." in report
+    for png in ("reward_model_scores.png", "ppo_reward_kl.png"):
+        assert (tmp_path / "out" / png).read_bytes().startswith(b"\x89PNG")
