@@ -334,9 +334,16 @@ def train(cfg: PPOConfig, out_dir: Path = DEFAULT_OUT) -> dict[str, Any]:
     checkpoints = _checkpoint_dirs(out_dir)
     if checkpoints:
         start, history = _load_checkpoint(
-            checkpoints[-1], accelerator, policy, value_model, policy_opt, value_opt,
-            policy_sched, value_sched, kl_ctl,
-        )  # fmt: skip
+            checkpoints[-1],
+            accelerator,
+            policy,
+            value_model,
+            policy_opt,
+            value_opt,
+            policy_sched,
+            value_sched,
+            kl_ctl,
+        )
 
     progress = tqdm(range(start, n_updates), desc="ppo", initial=start, total=n_updates)
     for update in progress:
@@ -439,10 +446,18 @@ def train(cfg: PPOConfig, out_dir: Path = DEFAULT_OUT) -> dict[str, Any]:
         progress.set_postfix(score=f"{row['objective/scores']:.2f}", kl=f"{mean_kl:.2f}")
         if (update + 1) % cfg.save_every == 0 or update + 1 == n_updates:
             _save_checkpoint(
-                out_dir / "checkpoints" / f"update-{update + 1}", accelerator, policy,
-                value_model, policy_opt, value_opt, policy_sched, value_sched, kl_ctl, history,
+                out_dir / "checkpoints" / f"update-{update + 1}",
+                accelerator,
+                policy,
+                value_model,
+                policy_opt,
+                value_opt,
+                policy_sched,
+                value_sched,
+                kl_ctl,
+                history,
                 cfg.keep_checkpoints,
-            )  # fmt: skip
+            )
 
     model_dir = out_dir / "model"
     accelerator.unwrap_model(policy).save_pretrained(model_dir, safe_serialization=True)
@@ -452,8 +467,10 @@ def train(cfg: PPOConfig, out_dir: Path = DEFAULT_OUT) -> dict[str, Any]:
     final = history[-1] if history else {}
     metrics = {k: v for k, v in final.items() if "/" in k}
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
-    return {"outputs": {"model": str(model_dir), "history": str(out_dir / "history.jsonl")},
-            "metrics": metrics}  # fmt: skip
+    return {
+        "outputs": {"model": str(model_dir), "history": str(out_dir / "history.jsonl")},
+        "metrics": metrics,
+    }
 
 
 def _mean(values: list[float]) -> float:
@@ -461,9 +478,18 @@ def _mean(values: list[float]) -> float:
 
 
 def _save_checkpoint(
-    path: Path, accelerator: Any, policy: Any, value_model: Any, policy_opt: Any, value_opt: Any,
-    policy_sched: Any, value_sched: Any, kl_ctl: KLController, history: list[dict], keep: int,
-) -> None:  # fmt: skip
+    path: Path,
+    accelerator: Any,
+    policy: Any,
+    value_model: Any,
+    policy_opt: Any,
+    value_opt: Any,
+    policy_sched: Any,
+    value_sched: Any,
+    kl_ctl: KLController,
+    history: list[dict],
+    keep: int,
+) -> None:
     """Everything needed to continue exactly: weights, optimizers, schedulers, KL coefficient,
     the metrics so far. (The RNG needs no saving: each update seeds itself.)"""
     tmp = path.with_name(path.name + ".tmp")
@@ -489,9 +515,16 @@ def _save_checkpoint(
 
 
 def _load_checkpoint(
-    path: Path, accelerator: Any, policy: Any, value_model: Any, policy_opt: Any, value_opt: Any,
-    policy_sched: Any, value_sched: Any, kl_ctl: KLController,
-) -> tuple[int, list[dict]]:  # fmt: skip
+    path: Path,
+    accelerator: Any,
+    policy: Any,
+    value_model: Any,
+    policy_opt: Any,
+    value_opt: Any,
+    policy_sched: Any,
+    value_sched: Any,
+    kl_ctl: KLController,
+) -> tuple[int, list[dict]]:
     from safetensors.torch import load_file
 
     for model, name in ((policy, "policy"), (value_model, "value")):
