@@ -131,12 +131,59 @@ class ValidateConfig(_Section):
         return self
 
 
+# The training stages' sections are *Section, not *Config: peft and TRL own LoraConfig,
+# SFTConfig and RewardConfig, which the stages use alongside these.
+class LoraSection(_Section):
+    """LoRA (peft) for a training stage. With LoRA the stage merges the adapter into the base
+    weights before it saves, so later stages always receive a plain model directory."""
+
+    enabled: bool = False
+    r: int = Field(8, ge=1)
+    alpha: int = Field(16, ge=1)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    # Module names (e.g. [q_proj, v_proj]) or "all-linear": every linear layer but the output one.
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+
+
+class SftSection(_Section):
+    """Stage ``sft``: supervised fine-tuning with TRL's SFTTrainer.
+
+    ``args`` is passed to ``trl.SFTConfig`` as it is: any of its fields (and of
+    ``transformers.TrainingArguments``), checked against the dataclass when the stage starts. An
+    empty mapping means TRL's defaults. The stage sets ``output_dir``, ``seed``,
+    ``trust_remote_code`` (from ``model``), ``report_to`` and, without CUDA, ``use_cpu`` itself.
+    """
+
+    seed: int = 42
+    args: dict[str, Any] = {}
+    lora: LoraSection = LoraSection()
+
+
+class RewardSection(_Section):
+    """Stage ``reward``: a Bradley–Terry reward model with TRL's RewardTrainer.
+
+    ``args`` is passed to ``trl.RewardConfig`` (see SftSection).
+    """
+
+    seed: int = 42
+    # "sft": the sft stage's model; "base": model.name_or_path; anything else: a path or hub id.
+    init_from: str = "sft"
+    # Train on the annotators' margins: loss = -log sigmoid(r_chosen - r_rejected - margin).
+    use_margin: bool = False
+    # Batch size of the held-out scoring (pairs are scored after training, by the saved model).
+    eval_batch_size: int = Field(64, ge=1)
+    args: dict[str, Any] = {}
+    lora: LoraSection = LoraSection()
+
+
 class Params(_Section):
     data: DataConfig = DataConfig()
     demo: DemoConfig = DemoConfig()
     model: ModelConfig = ModelConfig()
     base_model: BaseModelConfig = BaseModelConfig()
     validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")
+    sft: SftSection = SftSection()
+    reward: RewardSection = RewardSection()
 
     @property
     def validate_config(self) -> ValidateConfig:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from rlhf_tasks import base_model, validate
+from rlhf_tasks import base_model, reward, sft, validate
 from rlhf_tasks.config import Params
 
 StageFn = Callable[[Params], dict[str, Any]]
@@ -19,4 +19,6 @@ StageFn = Callable[[Params], dict[str, Any]]
 STAGES: dict[str, StageFn] = {
     "base_model": base_model.build,
     "validate": validate.run,
+    "sft": sft.run,
+    "reward": reward.run,
 }

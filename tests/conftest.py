@@ -20,7 +20,7 @@ for _var, _value in {
 }.items():
     os.environ[_var] = _value
 
-from rlhf_tasks import base_model, demo  # noqa: E402
+from rlhf_tasks import base_model, data, demo, validate  # noqa: E402
 from rlhf_tasks.cli import main  # noqa: E402
 from rlhf_tasks.config import DataConfig, DemoConfig, ModelConfig, Params  # noqa: E402
 
@@ -54,6 +54,26 @@ def project(
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+@pytest.fixture
+def validated(project: Path):
+    """Write the demo data where the validation gate leaves it for the training stages
+    (``artifacts/validate/data/<name>.jsonl``), the first rows of each data set:
+    ``validated(sft=64, pairs=64, heldout=32)``; ``None`` keeps every row."""
+
+    def write(sft: int | None = 64, pairs: int | None = 64, heldout: int | None = 32) -> Path:
+        d, out = DataConfig(), project / validate.DEFAULT_OUT / "data"
+        for name, path, rows in (
+            ("sft_train", d.sft_train, sft),
+            ("preferences_train", d.preferences_train, pairs),
+            ("preferences_heldout", d.preferences_heldout, heldout),
+        ):
+            frame = data.load([project / path]).frame
+            data.write_jsonl(frame if rows is None else frame.head(rows), out / f"{name}.jsonl")
+        return out
+
+    return write
 
 
 @pytest.fixture

@@ -197,6 +197,8 @@ def test_fresh_clone_repro_reproduces_dvc_lock(tmp_path: Path):
     assert "Validation gate PASSED" in repro.stdout, repro.stdout
     assert "Running stage 'base_model'" in repro.stdout
     assert "Running stage 'validate'" in repro.stdout
+    assert "Running stage 'sft'" in repro.stdout
+    assert "Running stage 'reward'" in repro.stdout
 
     status = sh(BIN / "dvc", "status", cwd=clone, code=clone)
     assert "Data and pipelines are up to date." in status.stdout, status.stdout

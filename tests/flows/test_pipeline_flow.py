@@ -12,6 +12,9 @@ from rlhf_tasks.stages import STAGES
 
 pytestmark = pytest.mark.slow
 
+# The training stages for a few steps: the flow's order and wiring are under test, not training.
+FEW_STEPS = [f"{stage}.args.max_steps=2" for stage in ("sft", "reward")]
+
 
 @pytest.fixture(scope="module", autouse=True)
 def prefect_api():
@@ -20,12 +23,16 @@ def prefect_api():
 
 
 def test_flow_runs_every_stage_in_order(project: Path) -> None:
-    state = rlhf_pipeline(params_path="params.yaml", return_state=True)
+    state = rlhf_pipeline(params_path="params.yaml", overrides=FEW_STEPS, return_state=True)
     assert state.is_completed(), state.message
     results = state.result()
     assert list(results) == list(STAGES)
     assert (project / "artifacts/validate/report.json").exists()
     assert Path(results["validate"]["outputs"]["data"], "preferences_train.jsonl").exists()
+    # reward (init_from: sft) could only start from the model that the sft task had just saved.
+    assert results["sft"]["metrics"]["sft/steps"] == 2
+    assert (project / results["reward"]["outputs"]["model"] / "config.json").exists()
+    assert "reward_model/accuracy" in results["reward"]["metrics"]
 
 
 def test_failed_gate_fails_the_flow_and_writes_no_data(project: Path) -> None:

@@ -1,0 +1,236 @@
+"""Stage ``reward``: a Bradley–Terry reward model trained with TRL's RewardTrainer.
+
+    rlhf stage reward [-S reward.init_from=base] [-S reward.use_margin=true]
+
+A sequence-classification head with one output (the score) on top of the SFT model (by default,
+``reward.init_from: sft``; ``base`` starts from ``model.name_or_path``, anything else is a path
+or hub id), trained on ``artifacts/validate/data/preferences_train.jsonl`` with the loss
+``-log sigmoid(r_chosen - r_rejected)`` (Ouyang et al. 2022, eq. 1), or with the annotators'
+margins ``-log sigmoid(r_chosen - r_rejected - margin)`` (Touvron et al. 2023, Llama 2, eq. 2)
+when ``reward.use_margin`` is on.
+
+It is evaluated after training on ``preferences_heldout.jsonl`` by :func:`score` over the saved
+model, the function later stages use to score responses: accuracy is the share of held-out pairs
+where score(chosen) > score(rejected). Writes, under ``artifacts/reward/``:
+
+    model/               a standard HF sequence-classification model directory with tokenizer
+                         (a LoRA adapter is merged into the base weights first)
+    metrics.json         held-out accuracy and mean margin, training loss (DVC metrics)
+    run.json             runtime, throughput, the step a run resumed from (vary between runs)
+    trainer_state.json   the trainer's state with its log history
+    checkpoints/         while it trains; removed when the run completes
+
+Pairs are formatted as the SFT data are: the prompt as a user message, each response as an
+assistant message, rendered by the tokenizer's chat template.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from rlhf_tasks import sft, validate
+from rlhf_tasks.config import Params
+from rlhf_tasks.errors import ConfigError
+from rlhf_tasks.training import (
+    checkpoint_to_resume,
+    fingerprint,
+    last_logged,
+    load_tokenizer,
+    lora_config,
+    prompt_messages,
+    read_jsonl,
+    remove_checkpoints,
+    resumed_step,
+    save_plain_model,
+    trainer_config,
+    write_json,
+)
+
+DEFAULT_OUT = Path("artifacts/reward")
+TRAIN = validate.DEFAULT_OUT / "data" / "preferences_train.jsonl"
+HELDOUT = validate.DEFAULT_OUT / "data" / "preferences_heldout.jsonl"
+
+
+def conversational(rows: list[dict[str, Any]], use_margin: bool) -> list[dict[str, Any]]:
+    """Validated preference rows in TRL's conversational form (explicit prompt). With
+    ``use_margin`` each pair keeps its margin (0 where the annotator gave none)."""
+    out = []
+    for row in rows:
+        pair = {
+            "prompt": prompt_messages(row["prompt"]),
+            "chosen": [{"role": "assistant", "content": row["chosen"]}],
+            "rejected": [{"role": "assistant", "content": row["rejected"]}],
+        }
+        if use_margin:
+            pair["margin"] = float(row.get("margin") or 0.0)
+        out.append(pair)
+    return out
+
+
+def init_location(params: Params) -> str:
+    """Where the reward model starts from: ``reward.init_from`` resolved to a path or hub id."""
+    init = params.reward.init_from
+    if init == "base":
+        return params.model.name_or_path
+    if init != "sft":
+        return init
+    location = sft.DEFAULT_OUT / "model"
+    if not (location / "config.json").exists():
+        raise ConfigError(
+            f"reward.init_from=sft: there is no SFT model in {location}; run `rlhf stage sft` "
+            "(or `dvc repro sft`) first, or set reward.init_from to base or a model path"
+        )
+    return str(location)
+
+
+def build_trainer(params: Params, out_dir: Path = DEFAULT_OUT) -> Any:
+    """The RewardTrainer of this stage, its data tokenized (``trainer.train_dataset``)."""
+    from datasets import Dataset
+    from trl import RewardConfig, RewardTrainer
+
+    cfg = params.reward
+    args = trainer_config(
+        RewardConfig,
+        "reward",
+        cfg.args,
+        output_dir=out_dir / "checkpoints",
+        seed=cfg.seed,
+        trust_remote_code=params.model.trust_remote_code,
+    )
+    init = init_location(params)
+    rows = read_jsonl(TRAIN, "reward")
+    tokenizer = load_tokenizer(init, params.model.trust_remote_code, "reward.init_from")
+    return RewardTrainer(
+        model=init,
+        args=args,
+        train_dataset=Dataset.from_list(conversational(rows, cfg.use_margin)),
+        processing_class=tokenizer,
+        peft_config=lora_config(cfg.lora, "SEQ_CLS"),
+    )
+
+
+def load_reward_model(location: str | Path, trust_remote_code: bool = False) -> tuple[Any, Any]:
+    """(model, tokenizer) of a saved reward model, in eval mode, on the GPU when there is one."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    tokenizer = load_tokenizer(str(location), trust_remote_code, "reward model")
+    model = AutoModelForSequenceClassification.from_pretrained(
+        location, trust_remote_code=trust_remote_code
+    )
+    return model.to("cuda" if torch.cuda.is_available() else "cpu").eval(), tokenizer
+
+
+def score(
+    model: Any, tokenizer: Any, prompts: list[str], responses: list[str], batch_size: int = 64
+) -> list[float]:
+    """The reward of each (prompt, response): the chat template's rendering of [prompt as user
+    message(s), response as assistant message], tokenized as RewardTrainer does, scored at the
+    last token (right padding; the model finds the last non-pad token itself)."""
+    import torch
+
+    sequences = [
+        tokenizer.apply_chat_template(
+            [*prompt_messages(p), {"role": "assistant", "content": r}],
+            tokenize=True,
+            return_dict=True,
+        )["input_ids"]
+        for p, r in zip(prompts, responses, strict=True)
+    ]
+    # Longer than the model can read: keep the end, where the score is read.
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit:
+        sequences = [ids[-limit:] for ids in sequences]
+    # Pad with the id the model looks for to find each sequence's last token.
+    pad_id = model.config.pad_token_id
+    pad_id = tokenizer.pad_token_id if pad_id is None else pad_id
+    device = next(model.parameters()).device
+    scores: list[float] = []
+    for start in range(0, len(sequences), batch_size):
+        batch = sequences[start : start + batch_size]
+        width = max(len(ids) for ids in batch)
+        input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, ids in enumerate(batch):
+            input_ids[i, : len(ids)] = torch.tensor(ids)
+            attention_mask[i, : len(ids)] = 1
+        with torch.no_grad():
+            logits = model(
+                input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)
+            ).logits  # (batch, 1)
+        scores.extend(logits[:, 0].float().cpu().tolist())
+    return scores
+
+
+def evaluate(model: Any, tokenizer: Any, rows: list[dict[str, Any]], batch_size: int) -> dict:
+    """Held-out accuracy (share of pairs where score(chosen) > score(rejected)) and mean margin."""
+    prompts = [row["prompt"] for row in rows]
+    chosen = score(model, tokenizer, prompts, [row["chosen"] for row in rows], batch_size)
+    rejected = score(model, tokenizer, prompts, [row["rejected"] for row in rows], batch_size)
+    margins = [c - r for c, r in zip(chosen, rejected, strict=True)]
+    return {
+        "accuracy": sum(m > 0 for m in margins) / len(margins),
+        "mean_margin": sum(margins) / len(margins),
+        "pairs": len(margins),
+    }
+
+
+def run(params: Params, out_dir: Path = DEFAULT_OUT) -> dict[str, Any]:
+    """The ``reward`` stage: train, save the (merged) model, score the held-out pairs with the
+    saved model; return locations and metrics."""
+    cfg = params.reward
+    heldout = read_jsonl(HELDOUT, "reward")
+    trainer = build_trainer(params, out_dir)
+    init = init_location(params)
+    # Resume only a run of these params on these inputs (see training.checkpoint_to_resume).
+    run_id = fingerprint(
+        inputs=[str(TRAIN), init],
+        stage="reward",
+        reward=cfg.model_dump(),
+        model=params.model.model_dump(),
+    )
+    resume = checkpoint_to_resume(out_dir / "checkpoints", run_id)
+    result = trainer.train(resume_from_checkpoint=resume)
+
+    model_dir = out_dir / "model"
+    save_plain_model(trainer, model_dir)
+    model, tokenizer = load_reward_model(model_dir, params.model.trust_remote_code)
+    held = evaluate(model, tokenizer, heldout, cfg.eval_batch_size)
+    state = trainer.state
+    # train_loss: the mean over the steps of this call (after a resume, the resumed steps only);
+    # train_accuracy: over the last logging window.
+    metrics = {
+        "reward_model/accuracy": round(held["accuracy"], 6),
+        "reward_model/mean_margin": round(held["mean_margin"], 6),
+        "reward_model/heldout_pairs": held["pairs"],
+        "reward_model/train_loss": round(result.training_loss, 6),
+        "reward_model/train_accuracy": last_logged(state.log_history, "accuracy"),
+        "reward_model/steps": state.global_step,
+        "reward_model/epochs": round(state.epoch or 0.0, 4),
+        # Pairs longer than args.max_length are dropped by RewardTrainer.
+        "reward_model/train_pairs": len(trainer.train_dataset),
+    }
+    metrics = {key: value for key, value in metrics.items() if value is not None}
+    timing = {
+        "reward_model/train_runtime_s": round(result.metrics["train_runtime"], 2),
+        "reward_model/train_samples_per_second": round(
+            result.metrics["train_samples_per_second"], 2
+        ),
+        "reward_model/resumed_from_step": resumed_step(resume),
+    }
+    if trainer.is_world_process_zero():
+        write_json(out_dir / "metrics.json", metrics)
+        write_json(out_dir / "run.json", timing)
+        state.save_to_json(str(out_dir / "trainer_state.json"))
+    remove_checkpoints(trainer, out_dir / "checkpoints")
+    print(
+        f"reward: {metrics['reward_model/steps']} steps in "
+        f"{timing['reward_model/train_runtime_s']} s; held-out accuracy "
+        f"{metrics['reward_model/accuracy']:.3f} on {held['pairs']} pairs, mean margin "
+        f"{metrics['reward_model/mean_margin']:.3f}; model in {model_dir}"
+    )
+    return {
+        "outputs": {"model": str(model_dir), "metrics": str(out_dir / "metrics.json")},
+        "metrics": {**metrics, **timing},
+    }

@@ -1,0 +1,134 @@
+"""Stage ``sft``: supervised fine-tuning of the base model with TRL's SFTTrainer.
+
+    rlhf stage sft [-S sft.args.num_train_epochs=1] [-S sft.lora.enabled=true]
+
+Reads ``model.name_or_path`` (the base model) and ``artifacts/validate/data/sft_train.jsonl``
+(the demonstrations that passed the validation gate). Writes, under ``artifacts/sft/``:
+
+    model/               a standard Hugging Face model directory with its tokenizer; with LoRA
+                         the adapter is merged into the base weights first (a plain model)
+    metrics.json         loss and token accuracy (DVC metrics: deterministic for given inputs)
+    run.json             runtime, throughput, the step a run resumed from (vary between runs)
+    trainer_state.json   the trainer's state with its log history (the loss curve)
+    checkpoints/         while it trains; a killed run resumes from the last one, and a run that
+                         completes removes them
+
+Each row becomes TRL's *conversational* prompt-completion form, ``prompt=[user message]``,
+``completion=[assistant message]``, so that the tokenizer's chat template renders it as the
+model will be prompted later (``<s>Human: ...\\n\\nAssistant: ...</s>``). Plain strings would be
+concatenated with no separator and no turn markers. The loss is on the completion tokens only
+(``completion_only_loss``; the prompt's labels are -100).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from rlhf_tasks import validate
+from rlhf_tasks.config import Params
+from rlhf_tasks.training import (
+    checkpoint_to_resume,
+    fingerprint,
+    last_logged,
+    load_tokenizer,
+    lora_config,
+    prompt_messages,
+    read_jsonl,
+    remove_checkpoints,
+    resumed_step,
+    save_plain_model,
+    trainer_config,
+    write_json,
+)
+
+DEFAULT_OUT = Path("artifacts/sft")
+DATA = validate.DEFAULT_OUT / "data" / "sft_train.jsonl"
+
+
+def conversational(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Validated ``{prompt, completion}`` rows in TRL's conversational prompt-completion form."""
+    return [
+        {
+            "prompt": prompt_messages(row["prompt"]),
+            "completion": [{"role": "assistant", "content": row["completion"]}],
+        }
+        for row in rows
+    ]
+
+
+def build_trainer(params: Params, out_dir: Path = DEFAULT_OUT) -> Any:
+    """The SFTTrainer of this stage, its data tokenized (``trainer.train_dataset``)."""
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    cfg, model = params.sft, params.model
+    args = trainer_config(
+        SFTConfig,
+        "sft",
+        cfg.args,
+        output_dir=out_dir / "checkpoints",
+        seed=cfg.seed,
+        trust_remote_code=model.trust_remote_code,
+    )
+    rows = read_jsonl(DATA, "sft")
+    tokenizer = load_tokenizer(model.name_or_path, model.trust_remote_code, "model.name_or_path")
+    return SFTTrainer(
+        model=model.name_or_path,
+        args=args,
+        train_dataset=Dataset.from_list(conversational(rows)),
+        processing_class=tokenizer,
+        peft_config=lora_config(cfg.lora, "CAUSAL_LM"),
+    )
+
+
+def run(params: Params, out_dir: Path = DEFAULT_OUT) -> dict[str, Any]:
+    """The ``sft`` stage: train, save the (merged) model and the metrics; return locations and
+    metrics."""
+    cfg = params.sft
+    trainer = build_trainer(params, out_dir)
+    # Resume only a run of these params on these inputs (see training.checkpoint_to_resume).
+    run_id = fingerprint(
+        inputs=[str(DATA), params.model.name_or_path],
+        stage="sft",
+        sft=cfg.model_dump(),
+        model=params.model.model_dump(),
+    )
+    resume = checkpoint_to_resume(out_dir / "checkpoints", run_id)
+    result = trainer.train(resume_from_checkpoint=resume)
+
+    model_dir = out_dir / "model"
+    save_plain_model(trainer, model_dir)
+    state = trainer.state
+    train_loss = round(result.training_loss, 6)
+    final_loss = last_logged(state.log_history, "loss")
+    # train_loss: the mean over the steps of this call (after a resume, the resumed steps only);
+    # final_loss and mean_token_accuracy: over the last logging window (a run shorter than
+    # logging_steps logs no loss: its final loss is its mean).
+    metrics = {
+        "sft/train_loss": train_loss,
+        "sft/final_loss": train_loss if final_loss is None else final_loss,
+        "sft/mean_token_accuracy": last_logged(state.log_history, "mean_token_accuracy"),
+        "sft/steps": state.global_step,
+        "sft/epochs": round(state.epoch or 0.0, 4),
+        "sft/train_rows": len(trainer.train_dataset),
+    }
+    metrics = {key: value for key, value in metrics.items() if value is not None}
+    timing = {
+        "sft/train_runtime_s": round(result.metrics["train_runtime"], 2),
+        "sft/train_samples_per_second": round(result.metrics["train_samples_per_second"], 2),
+        "sft/resumed_from_step": resumed_step(resume),
+    }
+    if trainer.is_world_process_zero():
+        write_json(out_dir / "metrics.json", metrics)
+        write_json(out_dir / "run.json", timing)
+        state.save_to_json(str(out_dir / "trainer_state.json"))
+    remove_checkpoints(trainer, out_dir / "checkpoints")
+    print(
+        f"sft: {metrics['sft/steps']} steps in {timing['sft/train_runtime_s']} s, final loss "
+        f"{metrics['sft/final_loss']:.3f}; model in {model_dir}"
+    )
+    return {
+        "outputs": {"model": str(model_dir), "metrics": str(out_dir / "metrics.json")},
+        "metrics": {**metrics, **timing},
+    }

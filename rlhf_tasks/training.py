@@ -1,0 +1,252 @@
+"""What the training stages (``sft``, ``reward``) share: TRL arguments from params, LoRA, chat
+messages, checkpoints to resume from, and saving a plain model directory.
+
+Each helper is used by both stages; the stages themselves read top to bottom in their modules.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import re
+import shutil
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+from rlhf_tasks.config import LoraSection
+from rlhf_tasks.errors import ConfigError
+
+# TrainingArguments fields that the stage sets itself, and where the user sets them instead.
+RESERVED_ARGS = {
+    "output_dir": "the stage chooses its output directory (artifacts/<stage>/)",
+    "seed": "set it as <stage>.seed",
+    "trust_remote_code": "set model.trust_remote_code",
+    "report_to": "experiment tracking is configured by the pipeline, not per stage",
+    "resume_from_checkpoint": "the stage resumes from its own last checkpoint by itself",
+}
+
+
+# -- TRL's config classes, from params --------------------------------------------------------
+
+
+def _check_type(where: str, value: Any, hint: Any) -> Any:
+    """Check a scalar against a dataclass field's type; leave enums, dicts and lists to TRL."""
+    union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    allowed = set(typing.get_args(hint)) if union else {hint}
+    if not allowed <= {bool, int, float, str, type(None)}:
+        return value  # e.g. `IntervalStrategy | str`, `dict | str`: TrainingArguments checks them
+    if value is None and type(None) in allowed:
+        return value
+    if isinstance(value, bool):  # an int to Python, not to a config
+        ok = bool in allowed
+    elif isinstance(value, int):
+        ok = bool(allowed & {int, float})
+    elif isinstance(value, float):
+        ok = float in allowed
+    elif isinstance(value, str) and str not in allowed and float in allowed:
+        # YAML 1.1 reads 1e-3 (no dot) as a string, and so does -S sft.args.learning_rate=1e-3.
+        try:
+            return float(value)
+        except ValueError:
+            ok = False
+    else:
+        ok = isinstance(value, str) and str in allowed
+    if not ok:
+        names = " or ".join(sorted(t.__name__ for t in allowed))
+        raise ConfigError(f"{where}: expected {names}, got {value!r}")
+    return value
+
+
+def trainer_config(
+    cls: type, section: str, args: dict[str, Any], *, output_dir: Path, seed: int, **stage: Any
+) -> Any:
+    """``cls(**args)`` (``trl.SFTConfig``, ``trl.RewardConfig``), with every key checked first.
+
+    An unknown key, a key the stage sets itself or a wrong scalar type is a ConfigError naming
+    ``<section>.args.<key>``. ``stage`` holds further values the stage sets (trust_remote_code).
+    """
+    import torch
+
+    fields = {f.name for f in dataclasses.fields(cls) if f.init}
+    hints = typing.get_type_hints(cls)
+    checked: dict[str, Any] = {}
+    for key, value in args.items():
+        where = f"{section}.args.{key}"
+        if key in RESERVED_ARGS:
+            raise ConfigError(f"{where}: {RESERVED_ARGS[key].replace('<stage>', section)}")
+        if key not in fields:
+            close = difflib.get_close_matches(key, fields, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"{where}: unknown key, not a field of trl.{cls.__name__}{hint}")
+        checked[key] = _check_type(where, value, hints[key])
+    # CPU when there is no CUDA device (the demo); the user may also ask for it on a GPU machine.
+    checked["use_cpu"] = bool(checked.get("use_cpu")) or not torch.cuda.is_available()
+    try:
+        return cls(
+            output_dir=str(output_dir),
+            seed=seed,
+            # MLflow tracking comes with the pipeline's tracking issue; until then, nothing.
+            report_to="none",
+            **stage,
+            **checked,
+        )
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"{section}.args: {exc}") from None
+
+
+def lora_config(lora: LoraSection, task_type: str) -> Any:
+    """A peft LoraConfig from params, or None when LoRA is off. ``task_type``: CAUSAL_LM or
+    SEQ_CLS (peft then also trains and saves the ``score`` head in full)."""
+    if not lora.enabled:
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        task_type=task_type,
+    )
+
+
+# -- data -------------------------------------------------------------------------------------
+
+_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant|System): ")
+_ROLES = {"Human": "user", "Assistant": "assistant", "System": "system"}
+
+
+def prompt_messages(prompt: str) -> list[dict[str, str]]:
+    """The chat messages of a normalised prompt: one user message, or the turns of a multi-turn
+    prompt, which ``rlhf_tasks.data`` renders as a transcript,
+    ``Human: ...\\n\\nAssistant: ...\\n\\nHuman: ...``."""
+    if not prompt.startswith(("Human: ", "System: ")):
+        return [{"role": "user", "content": prompt}]
+    parts = _TURN.split(prompt)  # ["", "Human", "text", "Assistant", "text", ...]
+    return [
+        {"role": _ROLES[name], "content": text}
+        for name, text in zip(parts[1::2], parts[2::2], strict=True)
+    ]
+
+
+def read_jsonl(path: Path, stage: str) -> list[dict[str, Any]]:
+    """Rows of a validated data file (``artifacts/validate/data/``)."""
+    if not path.exists():
+        raise ConfigError(
+            f"stage {stage} reads {path}, which does not exist: run the validation gate first "
+            "(`rlhf stage validate` or `dvc repro validate`)"
+        )
+    with path.open(encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def load_tokenizer(location: str, trust_remote_code: bool, what: str) -> Any:
+    """The tokenizer at ``location``; a ConfigError that says what to do when it is missing."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(
+            f"{what}={location!r} could not be loaded ({str(exc).splitlines()[0]}); build it "
+            "first with its stage, or check the path (offline runs need hub models in the local "
+            "HF cache)"
+        ) from None
+
+
+# -- checkpoints ------------------------------------------------------------------------------
+
+
+def fingerprint(*, inputs: list[str], **settings: Any) -> str:
+    """A digest of what a run depends on: settings (JSON-able) and its input files or directories.
+
+    Input files are hashed by content; files in a model directory by name, size and mtime (cheap
+    for multi-GB weights, and a retrained model has a new mtime).
+    """
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
+    for location in inputs:
+        path = Path(location)
+        if path.is_file():
+            digest.update(path.read_bytes())
+        elif path.is_dir():
+            for f in sorted(p for p in path.rglob("*") if p.is_file()):
+                stat = f.stat()
+                digest.update(f"{f.relative_to(path)}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+        else:
+            digest.update(location.encode())  # a hub id
+    return digest.hexdigest()
+
+
+def checkpoint_to_resume(checkpoints: Path, run_id: str) -> str | None:
+    """The last checkpoint in ``checkpoints`` if it belongs to this run (same ``run_id``).
+
+    Checkpoints of a run with other params or inputs (a killed run, then a change and a rerun)
+    are removed rather than resumed: resuming them would silently train a mix of both.
+    """
+    from transformers.trainer_utils import get_last_checkpoint
+
+    stamp = checkpoints / "run_id"
+    if checkpoints.is_dir():
+        last = get_last_checkpoint(str(checkpoints))
+        if last and stamp.exists() and stamp.read_text().strip() == run_id:
+            print(f"resuming from {last}")
+            return last
+        if last:
+            print(f"{checkpoints}: checkpoints of a run with other params or inputs; starting anew")
+        shutil.rmtree(checkpoints)
+    checkpoints.mkdir(parents=True)
+    stamp.write_text(run_id + "\n")
+    return None
+
+
+def resumed_step(checkpoint: str | None) -> int:
+    """The global step a run resumed from (0: it started from the beginning)."""
+    if checkpoint is None:
+        return 0
+    return int(json.loads((Path(checkpoint) / "trainer_state.json").read_text())["global_step"])
+
+
+def remove_checkpoints(trainer: Any, checkpoints: Path) -> None:
+    """A completed run's checkpoints are of no further use: its model is saved."""
+    trainer.accelerator.wait_for_everyone()
+    if trainer.accelerator.is_main_process:
+        shutil.rmtree(checkpoints, ignore_errors=True)
+
+
+# -- outputs ----------------------------------------------------------------------------------
+
+
+def save_plain_model(trainer: Any, out_dir: Path) -> None:
+    """Save the trained model as a standard HF model directory (config, safetensors, tokenizer).
+
+    A LoRA adapter is merged into the base weights first, so that later stages load a plain
+    model. Written with ``save_pretrained`` rather than ``Trainer.save_model``, which adds
+    ``training_args.bin`` (a pickle) to the directory.
+    """
+    from accelerate.utils import is_peft_model
+
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if is_peft_model(model):
+        model = model.merge_and_unload()
+    if not trainer.accelerator.is_main_process:
+        return
+    shutil.rmtree(out_dir, ignore_errors=True)  # no stale files from an earlier run
+    model.config.use_cache = True  # training turns the KV cache off; generation wants it
+    model.save_pretrained(out_dir, safe_serialization=True)
+    trainer.processing_class.save_pretrained(out_dir)
+
+
+def last_logged(log_history: list[dict[str, Any]], key: str) -> float | None:
+    """The last value of ``key`` that the trainer logged (a mean over the last logging window);
+    None if it logged none (a run shorter than ``logging_steps``)."""
+    values = [entry[key] for entry in log_history if key in entry]
+    return round(float(values[-1]), 6) if values else None
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
