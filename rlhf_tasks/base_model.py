@@ -74,7 +74,9 @@ def build(params: Params, out_dir: Path = DEFAULT_OUT) -> dict[str, Any]:
     if Path(params.model.name_or_path).resolve() != out_dir.resolve():
         source = params.model.name_or_path
         remote = params.model.trust_remote_code
-        AutoTokenizer.from_pretrained(source, trust_remote_code=remote).save_pretrained(out_dir)
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=remote)
+        tokenizer.init_kwargs.pop("local_files_only", None)  # not HF_HUB_OFFLINE's value
+        tokenizer.save_pretrained(out_dir)
         AutoConfig.from_pretrained(source, trust_remote_code=remote).save_pretrained(out_dir)
         (out_dir / "source.json").write_text(json.dumps({"name_or_path": source}, indent=2) + "\n")
         return {"outputs": {"model": source, "tokenizer": str(out_dir)}, "metrics": {}}

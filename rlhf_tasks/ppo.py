@@ -302,6 +302,7 @@ def train(cfg: PPOConfig, out_dir: Path = DEFAULT_OUT) -> dict[str, Any]:
     )
     device = accelerator.device
     tokenizer = AutoTokenizer.from_pretrained(cfg.policy)
+    tokenizer.init_kwargs.pop("local_files_only", None)  # don't save HF_HUB_OFFLINE with it
     pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
 
     # Models: the policy and its frozen copy (the reference, for the KL penalty), the frozen

@@ -149,13 +149,17 @@ def load_tokenizer(location: str, trust_remote_code: bool, what: str) -> Any:
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         raise ConfigError(
             f"{what}={location!r} could not be loaded ({str(exc).splitlines()[0]}); build it "
             "first with its stage, or check the path (offline runs need hub models in the local "
             "HF cache)"
         ) from None
+    # transformers records HF_HUB_OFFLINE as `local_files_only` in the saved tokenizer_config;
+    # dropped so that a saved model does not depend on the environment it was trained in.
+    tokenizer.init_kwargs.pop("local_files_only", None)
+    return tokenizer
 
 
 # -- checkpoints ------------------------------------------------------------------------------
