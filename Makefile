@@ -38,6 +38,7 @@ demo: setup
 	$(BIN)/rlhf data demo --check
 	$(BIN)/dvc repro
 	$(BIN)/dvc status
+	$(BIN)/rlhf metrics
 
 test: setup
 	$(BIN)/python -m pytest -q

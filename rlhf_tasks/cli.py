@@ -3,6 +3,8 @@
     rlhf validate [PATH ...] [--heldout PATH ...]  the validation gate (default: params' data)
     rlhf data demo [--check] [--force]             write the demo data set into data/
     rlhf stage NAME                                run one stage as dvc.yaml calls it
+    rlhf run                                       every stage in order (the Prefect flow)
+    rlhf metrics                                   the key metrics of the last run, as a table
 
 Every command takes ``--params FILE`` and DVC-style overrides ``-S section.key=value``.
 Exit codes: 0 success (valid data), 1 invalid data, 2 usage or configuration error.
@@ -73,6 +75,12 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("stage", help="run one pipeline stage (what dvc.yaml calls)")
     p.add_argument("name", choices=list(STAGES))
+    _common(p)
+
+    p = sub.add_parser("run", help="run every stage in order, as the Prefect flow rlhf_pipeline")
+    _common(p)
+
+    p = sub.add_parser("metrics", help="the key metrics of the last run (artifacts/), as a table")
     _common(p)
     return parser
 
@@ -161,6 +169,61 @@ def cmd_stage(args: argparse.Namespace, params: Params) -> int:
     return 0
 
 
+# The figures a user looks at after a run: (stage, metrics key, label). Missing ones are skipped.
+KEY_METRICS = [
+    ("reward", "reward_model/accuracy", "reward model: held-out accuracy"),
+    ("evaluate", "reward_model/noise_ceiling", "   annotators' agreement with gold (ceiling)"),
+    ("evaluate", "reward_model/accuracy_gold", "reward model: accuracy vs gold order"),
+    ("evaluate", "sft/reward_mean", "SFT: reward-model score"),
+    ("evaluate", "policy/reward_mean", "policy: reward-model score"),
+    ("evaluate", "gold/sft_score", "SFT: gold score"),
+    ("evaluate", "gold/policy_score", "policy: gold score"),
+    ("evaluate", "judge/win_rate_vs_sft", "policy: judge's win rate vs SFT"),
+    ("evaluate", "policy/kl_to_sft", "policy: KL to SFT (nats/response)"),
+    ("evaluate", "sft/mean_length", "SFT: mean length (words)"),
+    ("evaluate", "policy/mean_length", "policy: mean length (words)"),
+    ("evaluate", "sft/distinct_2", "SFT: distinct-2"),
+    ("evaluate", "policy/distinct_2", "policy: distinct-2"),
+    ("evaluate", "checks/kl_within_budget", "check: KL within budget (1 = pass)"),
+    ("evaluate", "checks/no_degeneration", "check: no degeneration (1 = pass)"),
+]
+
+
+def metrics_table(artifacts: Path = Path("artifacts")) -> str:
+    """The key metrics from each stage's ``metrics.json`` under ``artifacts``, one per line."""
+    loaded: dict[str, dict] = {}
+    lines = []
+    for stage, key, label in KEY_METRICS:
+        if stage not in loaded:
+            path = artifacts / stage / "metrics.json"
+            loaded[stage] = json.loads(path.read_text()) if path.exists() else {}
+        if key in loaded[stage]:
+            lines.append(f"  {label:<46} {loaded[stage][key]:>8.3f}")
+    run_file = artifacts / "policy" / "run.json"
+    if run_file.exists():
+        lines.insert(
+            0,
+            f"  {'policy algorithm':<46} {json.loads(run_file.read_text())['policy/algorithm']:>8}",
+        )
+    if not lines:
+        return "no metrics yet: run the pipeline first (`rlhf run` or `dvc repro`)"
+    return "\n".join(["key metrics (artifacts/*/metrics.json):", *lines])
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from flows.pipeline import rlhf_pipeline
+
+    state = rlhf_pipeline(params_path=args.params, overrides=args.overrides, return_state=True)
+    if not state.is_completed():
+        failure = state.result(raise_on_failure=False)
+        if isinstance(failure, UserError):
+            raise failure
+        print(f"rlhf: pipeline failed: {state.message}", file=sys.stderr)
+        return 1
+    print(metrics_table())
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = _parser().parse_args(argv)
@@ -169,6 +232,11 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_validate(args, params)
         if args.command == "data":
             return cmd_data_demo(args, params)
+        if args.command == "run":
+            return cmd_run(args)
+        if args.command == "metrics":
+            print(metrics_table())
+            return 0
         return cmd_stage(args, params)
     except UserError as exc:
         print(f"rlhf: error: {exc}", file=sys.stderr)

@@ -176,6 +176,81 @@ class RewardSection(_Section):
     lora: LoraSection = LoraSection()
 
 
+class PolicySection(_Section):
+    """Stage ``policy``: which algorithm turns the SFT model into the policy. ``ppo`` is this
+    project's PPO against the reward model (section ``ppo``); ``rloo`` and ``grpo`` are TRL's
+    online trainers with the same reward model as reward function; ``dpo`` is TRL's DPO on the
+    preference pairs (no reward model). Each reads its own section below."""
+
+    algorithm: Literal["ppo", "rloo", "grpo", "dpo"] = "ppo"
+
+
+class PpoSection(_Section):
+    """Our PPO (``rlhf_tasks/ppo.py``): per-token KL penalty to the SFT model, GAE, clipped
+    policy and value losses. One *update* = a rollout of ``rollout_batch_size`` prompts, then
+    ``ppo_epochs`` passes of minibatch steps over it."""
+
+    seed: int = 0
+    total_episodes: int = Field(2048, gt=0)  # prompts answered over the run
+    rollout_batch_size: int = Field(64, gt=0)  # prompts per update
+    mini_batch_size: int = Field(16, gt=0)
+    ppo_epochs: int = Field(4, gt=0)
+    learning_rate: float = Field(1e-4, ge=0)  # policy; linear decay to 0 over the run
+    value_learning_rate: float = Field(1e-4, ge=0)
+    response_length: int = Field(40, gt=0)  # max new tokens per response
+    temperature: float = Field(0.7, gt=0)  # sampling; also divides the logits of every logprob
+    kl_coef: float = Field(0.05, ge=0)  # beta of the per-token KL penalty (initial, if adaptive)
+    target_kl: float | None = Field(None, gt=0)  # set: adapt kl_coef towards this sequence KL
+    kl_horizon: int = Field(10000, gt=0)
+    gamma: float = Field(1.0, ge=0, le=1)
+    lam: float = Field(0.95, ge=0, le=1)
+    cliprange: float = Field(0.2, gt=0)
+    cliprange_value: float = Field(0.2, gt=0)
+    vf_coef: float = Field(0.1, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    # Subtracted from the score of a response that never ends (no EOS); null: no penalty.
+    missing_eos_penalty: float | None = Field(1.0, ge=0)
+    save_every: int = Field(8, gt=0)  # updates between checkpoints
+    keep_checkpoints: int = Field(2, gt=0)
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    # With LoRA the reference model is the policy with its adapter disabled (no second copy).
+    lora: LoraSection = LoraSection()
+
+    @model_validator(mode="after")
+    def _batches_divide(self) -> PpoSection:
+        if self.mini_batch_size > self.rollout_batch_size:
+            raise ValueError(
+                f"mini_batch_size ({self.mini_batch_size}) exceeds rollout_batch_size "
+                f"({self.rollout_batch_size})"
+            )
+        return self
+
+
+class TrlPolicySection(_Section):
+    """A TRL trainer for the policy stage (``rloo``, ``grpo``, ``dpo``): ``args`` go to its
+    config class (``trl.RLOOConfig``, ...) as they are, checked like ``sft.args``."""
+
+    seed: int = 42
+    args: dict[str, Any] = {}
+    lora: LoraSection = LoraSection()
+
+
+class EvaluateSection(_Section):
+    """Stage ``evaluate``: the policy against the SFT model on held-out prompts."""
+
+    # "gold": the demo's gold judge; else the path of a reward model the policy was not trained
+    # against (an external one, or one trained on a held-out split): never the stage's own.
+    judge: str = "gold"
+    samples_per_prompt: int = Field(2, gt=0)
+    max_new_tokens: int = Field(40, gt=0)
+    temperature: float = Field(0.7, gt=0)
+    batch_size: int = Field(64, gt=0)
+    report_examples: int = Field(12, ge=0)  # prompts shown side by side in report.md
+    seed: int = 0
+    # KL(policy || SFT) in nats per response that a policy may spend; reported as a check.
+    kl_budget: float = Field(10.0, gt=0)
+
+
 class Params(_Section):
     data: DataConfig = DataConfig()
     demo: DemoConfig = DemoConfig()
@@ -184,6 +259,12 @@ class Params(_Section):
     validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")
     sft: SftSection = SftSection()
     reward: RewardSection = RewardSection()
+    policy: PolicySection = PolicySection()
+    ppo: PpoSection = PpoSection()
+    rloo: TrlPolicySection = TrlPolicySection()
+    grpo: TrlPolicySection = TrlPolicySection()
+    dpo: TrlPolicySection = TrlPolicySection()
+    evaluate: EvaluateSection = EvaluateSection()
 
     @property
     def validate_config(self) -> ValidateConfig:

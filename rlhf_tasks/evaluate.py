@@ -13,45 +13,27 @@ scores of chosen vs rejected held-out responses.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 
-from rlhf_tasks import demo
+from rlhf_tasks import demo, policy, reward, sft, validate
+from rlhf_tasks.config import EvaluateSection, Params
+from rlhf_tasks.errors import ConfigError
 from rlhf_tasks.ppo import sequence_logprobs
+from rlhf_tasks.training import load_tokenizer, prompt_messages, read_jsonl, write_json
 
 DEFAULT_OUT = Path("artifacts/evaluate")
-
-
-class EvaluateConfig(BaseModel):
-    """Held-out evaluation (params.yaml section ``evaluate``)."""
-
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
-
-    policy: str = "artifacts/ppo/model"
-    sft: str = "artifacts/sft/model"
-    reward_model: str = "artifacts/reward/model"
-    prompts: str = "artifacts/validate/data/prompts_heldout.jsonl"
-    pairs: str = "artifacts/validate/data/preferences_heldout.jsonl"
-    history: str | None = "artifacts/ppo/history.jsonl"  # PPO's per-update metrics, for plots
-    judge: str = "gold"  # "gold" (the demo's judge) or the path of a held-out reward model
-    samples_per_prompt: int = Field(2, gt=0)
-    max_new_tokens: int = Field(40, gt=0)
-    temperature: float = Field(0.7, gt=0)
-    batch_size: int = Field(64, gt=0)
-    report_examples: int = Field(12, ge=0)
-    seed: int = 0
-
-
-def _read_jsonl(path: str | Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).open(encoding="utf-8") if line.strip()]
+PROMPTS = validate.DEFAULT_OUT / "data" / "prompts_heldout.jsonl"
+PAIRS = validate.DEFAULT_OUT / "data" / "preferences_heldout.jsonl"
+# A policy may change mean length or distinct-2 by this share of SFT's before it counts as
+# degenerate (unless the judge prefers it: then the change is what the judge wants).
+MAX_STYLE_CHANGE = 0.2
 
 
 def _chat(tokenizer: Any, prompt: str, response: str | None = None) -> str:
-    messages = [{"role": "user", "content": prompt}]
+    messages = prompt_messages(prompt)
     if response is not None:
         messages.append({"role": "assistant", "content": response})
     return tokenizer.apply_chat_template(
@@ -60,28 +42,8 @@ def _chat(tokenizer: Any, prompt: str, response: str | None = None) -> str:
 
 
 @torch.no_grad()
-def reward_scores(
-    model: Any, tokenizer: Any, prompts: list[str], responses: list[str], batch_size: int = 64
-) -> list[float]:
-    """The reward model's score of each (prompt, response), rendered with the chat template."""
-    scores: list[float] = []
-    tokenizer.padding_side = "right"
-    for i in range(0, len(prompts), batch_size):
-        texts = [
-            _chat(tokenizer, p, r)
-            for p, r in zip(prompts[i : i + batch_size], responses[i : i + batch_size], strict=True)
-        ]
-        enc = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt")
-        scores.extend(model(**enc).logits[:, 0].float().tolist())
-    return scores
-
-
-@torch.no_grad()
-def generate(
-    model: Any, tokenizer: Any, prompts: list[str], cfg: EvaluateConfig
-) -> tuple[list[str], list[float]]:
-    """Sample one response per prompt; also return each response's summed log-prob under
-    ``model`` (for the KL to another model, computed the same way)."""
+def generate(model: Any, tokenizer: Any, prompts: list[str], cfg: EvaluateSection) -> list[str]:
+    """Sample one response per prompt, seeded: two models sample from the same random stream."""
     torch.manual_seed(cfg.seed)
     tokenizer.padding_side = "left"
     texts: list[str] = []
@@ -132,76 +94,139 @@ def _win_rate(a: list[float], b: list[float]) -> float:
     return sum(1.0 if x > y else 0.5 if x == y else 0.0 for x, y in zip(a, b, strict=True)) / len(a)
 
 
-def run(cfg: EvaluateConfig, out_dir: Path = DEFAULT_OUT) -> dict[str, Any]:
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+def run(params: Params, out_dir: Path = DEFAULT_OUT) -> dict[str, Any]:
+    """The ``evaluate`` stage: the policy stage's model against the SFT model, on the validated
+    held-out prompts and pairs."""
+    return evaluate(
+        params.evaluate,
+        policy_dir=policy.DEFAULT_OUT / "model",
+        sft_dir=sft.DEFAULT_OUT / "model",
+        reward_dir=reward.DEFAULT_OUT / "model",
+        prompts=PROMPTS,
+        pairs=PAIRS,
+        history=policy.DEFAULT_OUT / "history.jsonl",
+        out_dir=out_dir,
+        trust_remote_code=params.model.trust_remote_code,
+    )
+
+
+def evaluate(
+    cfg: EvaluateSection,
+    *,
+    policy_dir: str | Path,
+    sft_dir: str | Path,
+    reward_dir: str | Path,
+    prompts: str | Path,
+    pairs: str | Path,
+    history: str | Path | None = None,
+    out_dir: Path = DEFAULT_OUT,
+    trust_remote_code: bool = False,
+) -> dict[str, Any]:
+    """Evaluate the model in ``policy_dir`` against the one in ``sft_dir``; write metrics.json,
+    report.md and plots to ``out_dir``; return locations and metrics."""
+    from transformers import AutoModelForCausalLM
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.sft)
-    reward_model = AutoModelForSequenceClassification.from_pretrained(cfg.reward_model).eval()
+    tokenizer = load_tokenizer(str(sft_dir), trust_remote_code, "sft model")
+    scorer, rm_tokenizer = reward.load_reward_model(reward_dir, trust_remote_code)
     metrics: dict[str, float] = {}
 
     # The reward model on held-out pairs: the annotators' labels, and the gold order.
-    pairs = _read_jsonl(cfg.pairs)
-    prompts_p = [p["prompt"] for p in pairs]
-    chosen = reward_scores(reward_model, tokenizer, prompts_p, [p["chosen"] for p in pairs])
-    rejected = reward_scores(reward_model, tokenizer, prompts_p, [p["rejected"] for p in pairs])
+    rows = read_jsonl(Path(pairs), "evaluate")
+    prompts_p = [p["prompt"] for p in rows]
+    chosen = reward.score(scorer, rm_tokenizer, prompts_p, [p["chosen"] for p in rows])
+    rejected = reward.score(scorer, rm_tokenizer, prompts_p, [p["rejected"] for p in rows])
     metrics["reward_model/accuracy"] = sum(
         c > r for c, r in zip(chosen, rejected, strict=True)
-    ) / len(pairs)
+    ) / len(rows)
     if cfg.judge == "gold":
-        gold_right = [
-            (c > r)
-            == (
-                demo.gold_score(p["prompt"], p["chosen"])
-                > demo.gold_score(p["prompt"], p["rejected"])
-            )
-            for p, c, r in zip(pairs, chosen, rejected, strict=True)
+        gold_chosen_better = [
+            demo.gold_score(p["prompt"], p["chosen"]) > demo.gold_score(p["prompt"], p["rejected"])
+            for p in rows
         ]
-        metrics["reward_model/accuracy_gold"] = sum(gold_right) / len(pairs)
+        metrics["reward_model/accuracy_gold"] = sum(
+            (c > r) == g for c, r, g in zip(chosen, rejected, gold_chosen_better, strict=True)
+        ) / len(rows)
+        # The annotators' own agreement with the gold order: what a perfect reward model of
+        # these labels would score on `accuracy`.
+        metrics["reward_model/noise_ceiling"] = sum(gold_chosen_better) / len(rows)
 
-    # Policy and SFT on held-out prompts.
-    prompts = [r["prompt"] for r in _read_jsonl(cfg.prompts)] * cfg.samples_per_prompt
+    # Policy and SFT on held-out prompts, the same prompts and random stream for both.
+    prompt_rows = read_jsonl(Path(prompts), "evaluate")
+    if cfg.judge == "gold":
+        _check_demo_prompts([r["prompt"] for r in prompt_rows], Path(prompts))
+    texts_in = [r["prompt"] for r in prompt_rows] * cfg.samples_per_prompt
+    remote = {"trust_remote_code": trust_remote_code}
     models = {
-        "sft": AutoModelForCausalLM.from_pretrained(cfg.sft).eval(),
-        "policy": AutoModelForCausalLM.from_pretrained(cfg.policy).eval(),
+        "sft": AutoModelForCausalLM.from_pretrained(sft_dir, **remote).eval(),
+        "policy": AutoModelForCausalLM.from_pretrained(policy_dir, **remote).eval(),
     }
-    generations = {name: generate(m, tokenizer, prompts, cfg) for name, m in models.items()}
-    judge = (
-        None
-        if cfg.judge == "gold"
-        else AutoModelForSequenceClassification.from_pretrained(cfg.judge).eval()
-    )
+    generations = {name: generate(m, tokenizer, texts_in, cfg) for name, m in models.items()}
+    judge = None if cfg.judge == "gold" else reward.load_reward_model(cfg.judge, trust_remote_code)
     judged: dict[str, list[float]] = {}
     for name, texts in generations.items():
-        rm = reward_scores(reward_model, tokenizer, prompts, texts)
+        rm = reward.score(scorer, rm_tokenizer, texts_in, texts, cfg.batch_size)
         metrics[f"{name}/reward_mean"] = sum(rm) / len(rm)
         metrics[f"{name}/mean_length"] = sum(len(t.split()) for t in texts) / len(texts)
         metrics[f"{name}/distinct_2"] = distinct_2(texts)
         if judge is None:
-            judged[name] = [demo.gold_score(p, t) for p, t in zip(prompts, texts, strict=True)]
+            judged[name] = [demo.gold_score(p, t) for p, t in zip(texts_in, texts, strict=True)]
             metrics[f"gold/{name}_score"] = sum(judged[name]) / len(texts)
         else:
-            judged[name] = reward_scores(judge, tokenizer, prompts, texts)
+            judged[name] = reward.score(*judge, texts_in, texts, cfg.batch_size)
+            metrics[f"judge/{name}_score"] = sum(judged[name]) / len(texts)
     metrics["judge/win_rate_vs_sft"] = _win_rate(judged["policy"], judged["sft"])
     if judge is None:
         metrics["gold/win_rate_vs_sft"] = metrics["judge/win_rate_vs_sft"]
     metrics["policy/kl_to_sft"] = sequence_kl(
-        models["policy"], models["sft"], tokenizer, prompts, generations["policy"], cfg.temperature
+        models["policy"], models["sft"], tokenizer, texts_in, generations["policy"], cfg.temperature
     )
+    metrics.update(checks(metrics, cfg.kl_budget))
 
     metrics = {k: round(float(v), 6) for k, v in sorted(metrics.items())}
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    _write_report(out_dir, cfg, metrics, prompts, generations, judged)
-    _plot(out_dir, cfg, chosen, rejected)
+    write_json(out_dir / "metrics.json", metrics)
+    _write_report(out_dir, cfg, metrics, texts_in, generations, judged)
+    _plot(out_dir, history, chosen, rejected)
     return {
         "outputs": {"metrics": str(out_dir / "metrics.json"), "report": str(out_dir / "report.md")},
         "metrics": metrics,
     }
 
 
+def _check_demo_prompts(prompts: list[str], path: Path) -> None:
+    """The gold judge knows the demo's topics only; on other prompts its scores mean nothing."""
+    known = sum(demo.topic_of(p) is not None for p in prompts)
+    if known < 0.9 * len(prompts):
+        raise ConfigError(
+            f"evaluate.judge=gold is the demo task's judge, but {len(prompts) - known} of the "
+            f"{len(prompts)} prompts in {path} are not demo prompts; set evaluate.judge to the "
+            "path of a reward model the policy was not trained against"
+        )
+
+
+def checks(metrics: dict[str, float], kl_budget: float) -> dict[str, float]:
+    """Pass (1) or fail (0) of the policy's guard rails, as flat metrics:
+
+    ``checks/kl_within_budget``: KL(policy || SFT) per response at most ``kl_budget`` nats;
+    ``checks/no_degeneration``: mean length and distinct-2 each within ``MAX_STYLE_CHANGE`` of
+    SFT's, unless the judge prefers the policy (win rate above 0.5): a change the judge rewards
+    is what was asked for, not a collapse.
+    """
+    judge_prefers = metrics["judge/win_rate_vs_sft"] > 0.5
+    within = all(
+        abs(metrics[f"policy/{key}"] - metrics[f"sft/{key}"])
+        <= MAX_STYLE_CHANGE * max(metrics[f"sft/{key}"], 1e-9)
+        for key in ("mean_length", "distinct_2")
+    )
+    return {
+        "checks/kl_within_budget": float(metrics["policy/kl_to_sft"] <= kl_budget),
+        "checks/no_degeneration": float(within or judge_prefers),
+    }
+
+
 def _write_report(
     out_dir: Path,
-    cfg: EvaluateConfig,
+    cfg: EvaluateSection,
     metrics: dict[str, float],
     prompts: list[str],
     generations: dict[str, list[str]],
@@ -222,7 +247,9 @@ def _write_report(
     (out_dir / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
-def _plot(out_dir: Path, cfg: EvaluateConfig, chosen: list[float], rejected: list[float]) -> None:
+def _plot(
+    out_dir: Path, history: str | Path | None, chosen: list[float], rejected: list[float]
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -237,16 +264,18 @@ def _plot(out_dir: Path, cfg: EvaluateConfig, chosen: list[float], rejected: lis
     fig.tight_layout()
     fig.savefig(out_dir / "reward_model_scores.png", dpi=100)
     plt.close(fig)
-    if cfg.history and Path(cfg.history).exists():
-        history = _read_jsonl(cfg.history)
-        steps = [row["episode"] for row in history]
+    rows = read_jsonl(Path(history), "evaluate") if history and Path(history).exists() else []
+    rows = [r for r in rows if "objective/scores" in r]  # DPO logs no reward
+    if rows:
+        steps = [row["episode"] for row in rows]
         fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-        a.plot(steps, [r["objective/scores"] for r in history], label="score")
-        a.plot(steps, [r["objective/rlhf_reward"] for r in history], label="score - KL penalty")
-        a.set(xlabel="episode", title="Reward during PPO")
+        a.plot(steps, [r["objective/scores"] for r in rows], label="score")
+        if "objective/rlhf_reward" in rows[0]:
+            a.plot(steps, [r["objective/rlhf_reward"] for r in rows], label="score - KL penalty")
+        a.set(xlabel="episode", title="Reward during training")
         a.legend()
-        b.plot(steps, [r["objective/kl"] for r in history])
-        b.set(xlabel="episode", title="KL(policy || SFT) during PPO")
+        b.plot(steps, [r.get("objective/kl", float("nan")) for r in rows])
+        b.set(xlabel="episode", title="KL(policy || SFT) during training")
         fig.tight_layout()
-        fig.savefig(out_dir / "ppo_reward_kl.png", dpi=100)
+        fig.savefig(out_dir / "reward_kl.png", dpi=100)
         plt.close(fig)

@@ -25,46 +25,13 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
-DEFAULT_OUT = Path("artifacts/ppo")
-
-
-class PPOConfig(BaseModel):
-    """Hyperparameters of PPO (params.yaml section ``ppo``), with their meaning."""
-
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
-
-    policy: str = "artifacts/sft/model"  # initial policy, and the frozen reference for the KL
-    reward_model: str = "artifacts/reward/model"
-    value_model: str | None = None  # None: initialise the value model from the reward model
-    prompts: str = "artifacts/validate/data/prompts_rl.jsonl"
-    total_episodes: int = Field(2048, gt=0)  # prompts answered over the run
-    rollout_batch_size: int = Field(64, gt=0)  # prompts per update
-    mini_batch_size: int = Field(16, gt=0)
-    ppo_epochs: int = Field(4, gt=0)  # passes over each rollout batch
-    learning_rate: float = Field(1e-4, ge=0)  # policy
-    value_learning_rate: float = Field(1e-4, ge=0)
-    response_length: int = Field(40, gt=0)  # max new tokens
-    temperature: float = Field(0.7, gt=0)
-    kl_coef: float = Field(0.05, ge=0)  # initial beta of the per-token KL penalty
-    target_kl: float | None = Field(None, gt=0)  # set: adaptive KL coefficient towards it
-    kl_horizon: int = Field(10000, gt=0)
-    gamma: float = Field(1.0, ge=0, le=1)
-    lam: float = Field(0.95, ge=0, le=1)
-    cliprange: float = Field(0.2, gt=0)
-    cliprange_value: float = Field(0.2, gt=0)
-    vf_coef: float = Field(0.1, ge=0)
-    max_grad_norm: float = Field(1.0, gt=0)
-    missing_eos_penalty: float | None = 1.0  # subtracted from the score of unfinished responses
-    save_every: int = Field(8, gt=0)  # updates between checkpoints
-    keep_checkpoints: int = Field(2, gt=0)
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    seed: int = 0
+from rlhf_tasks.config import PpoSection
+from rlhf_tasks.training import claim_checkpoints, load_tokenizer, lora_config
 
 
 def response_mask(responses: torch.Tensor, eos_token_id: int) -> torch.Tensor:
@@ -290,74 +257,161 @@ def _checkpoint_dirs(out_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
-def train(cfg: PPOConfig, out_dir: Path = DEFAULT_OUT) -> dict[str, Any]:
-    """Run PPO from ``cfg.policy`` against ``cfg.reward_model``; resume from the last checkpoint
-    in ``out_dir/checkpoints``. Writes the policy to ``out_dir/model``, the per-update metrics to
+@dataclass
+class _State:
+    """What a checkpoint holds besides the metrics: everything an update changes."""
+
+    accelerator: Any
+    policy: Any
+    value_model: Any
+    policy_opt: torch.optim.Optimizer
+    value_opt: torch.optim.Optimizer
+    policy_sched: Any
+    value_sched: Any
+    kl_ctl: KLController
+
+    def save(self, path: Path, history: list[dict], keep: int) -> None:
+        """Weights, optimizers, schedulers, KL coefficient and the metrics so far, written to a
+        temporary directory renamed into place: a checkpoint is complete or absent. (The RNG
+        needs no saving: each update seeds itself.)"""
+        from safetensors.torch import save_model
+
+        tmp = path.with_name(path.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for name in ("policy", "value_model"):
+            model = self.accelerator.unwrap_model(getattr(self, name))
+            save_model(model, str(tmp / f"{name}.safetensors"))  # LoRA or not, tied or not
+        torch.save(
+            {
+                "policy_opt": self.policy_opt.state_dict(),
+                "value_opt": self.value_opt.state_dict(),
+                "policy_sched": self.policy_sched.state_dict(),
+                "value_sched": self.value_sched.state_dict(),
+                "kl_ctl": self.kl_ctl.state_dict(),
+                "update": int(path.name.split("-")[1]),
+            },
+            tmp / "state.pt",
+        )
+        (tmp / "history.json").write_text(json.dumps(history))
+        shutil.rmtree(path, ignore_errors=True)
+        tmp.rename(path)
+        for old in _checkpoint_dirs(path.parent)[:-keep]:
+            shutil.rmtree(old)
+
+    def load(self, path: Path) -> tuple[int, list[dict]]:
+        """Restore a checkpoint; return (updates done, metrics so far)."""
+        from safetensors.torch import load_model
+
+        for name in ("policy", "value_model"):
+            model = self.accelerator.unwrap_model(getattr(self, name))
+            load_model(model, str(path / f"{name}.safetensors"))
+        state = torch.load(path / "state.pt", weights_only=True)
+        for name in ("policy_opt", "value_opt", "policy_sched", "value_sched", "kl_ctl"):
+            getattr(self, name).load_state_dict(state[name])
+        return state["update"], json.loads((path / "history.json").read_text())
+
+
+def train(
+    cfg: PpoSection,
+    *,
+    policy: str | Path,
+    reward_model: str | Path,
+    prompts: str | Path,
+    out_dir: Path,
+    value_model: str | Path | None = None,
+    run_id: str = "",
+    trust_remote_code: bool = False,
+) -> dict[str, Any]:
+    """Run PPO from the model at ``policy`` (also the frozen reference of the KL penalty) against
+    the reward model at ``reward_model``, on the prompts of a JSONL file; the value model starts
+    from ``value_model`` (default: the reward model). Resumes from the last checkpoint in
+    ``out_dir/checkpoints`` if they were written by the same ``run_id`` (a digest of params and
+    inputs; see ``training.claim_checkpoints``). Writes the policy to ``out_dir/model`` (a plain
+    model directory; a LoRA adapter is merged), the per-update metrics to
     ``out_dir/history.jsonl`` and the final metrics to ``out_dir/metrics.json``."""
     from accelerate import Accelerator
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     accelerator = Accelerator(
         mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available()
     )
     device = accelerator.device
-    tokenizer = AutoTokenizer.from_pretrained(cfg.policy)
-    tokenizer.init_kwargs.pop("local_files_only", None)  # don't save HF_HUB_OFFLINE with it
+    tokenizer = load_tokenizer(str(policy), trust_remote_code, "policy")
     pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+    remote = {"trust_remote_code": trust_remote_code}
 
-    # Models: the policy and its frozen copy (the reference, for the KL penalty), the frozen
-    # reward model, and the value model (initialised from the reward model by default).
-    policy = AutoModelForCausalLM.from_pretrained(cfg.policy)
-    ref_policy = AutoModelForCausalLM.from_pretrained(cfg.policy).to(device).eval()
-    reward_model = AutoModelForSequenceClassification.from_pretrained(cfg.reward_model)
-    reward_model = reward_model.to(device).eval()
-    value_model = AutoModelForSequenceClassification.from_pretrained(
-        cfg.value_model or cfg.reward_model
+    # Models: the policy; the frozen reference for the KL penalty (a copy of the initial policy,
+    # or with LoRA the policy with its adapter disabled); the frozen reward model; the value model.
+    policy_model = AutoModelForCausalLM.from_pretrained(policy, **remote)
+    ref_policy = None
+    if cfg.lora.enabled:
+        from peft import get_peft_model
+
+        policy_model = get_peft_model(policy_model, lora_config(cfg.lora, "CAUSAL_LM"))
+    else:
+        ref_policy = AutoModelForCausalLM.from_pretrained(policy, **remote).to(device).eval()
+    scorer = AutoModelForSequenceClassification.from_pretrained(reward_model, **remote)
+    scorer = scorer.to(device).eval()
+    critic = AutoModelForSequenceClassification.from_pretrained(
+        value_model or reward_model, **remote
     )
-    for model in (policy, value_model):
+    for model in (policy_model, critic):
         for module in model.modules():  # PPO's ratios need deterministic forward passes
             if isinstance(module, torch.nn.Dropout):
                 module.p = 0.0
 
     n_updates = max(1, cfg.total_episodes // cfg.rollout_batch_size)
-    policy_opt = torch.optim.AdamW(policy.parameters(), lr=cfg.learning_rate, eps=1e-5)
-    value_opt = torch.optim.AdamW(value_model.parameters(), lr=cfg.value_learning_rate, eps=1e-5)
+    trainable = [p for p in policy_model.parameters() if p.requires_grad]
+    policy_opt = torch.optim.AdamW(trainable, lr=cfg.learning_rate, eps=1e-5)
+    value_opt = torch.optim.AdamW(critic.parameters(), lr=cfg.value_learning_rate, eps=1e-5)
     # Linear decay to 0 over the run, one scheduler step per update.
     policy_sched = torch.optim.lr_scheduler.LambdaLR(policy_opt, lambda u: 1 - u / n_updates)
     value_sched = torch.optim.lr_scheduler.LambdaLR(value_opt, lambda u: 1 - u / n_updates)
-    policy, value_model, policy_opt, value_opt = accelerator.prepare(
-        policy, value_model, policy_opt, value_opt
+    policy_model, critic, policy_opt, value_opt = accelerator.prepare(
+        policy_model, critic, policy_opt, value_opt
     )
-    kl_ctl = KLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon)
+    state = _State(
+        accelerator,
+        policy_model,
+        critic,
+        policy_opt,
+        value_opt,
+        policy_sched,
+        value_sched,
+        KLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon),
+    )
+    kl_ctl = state.kl_ctl
 
-    prompts = _load_prompts(Path(cfg.prompts), tokenizer)
+    def reference_logprobs(sequences: torch.Tensor, attention: torch.Tensor, context_len: int):
+        if ref_policy is not None:
+            return sequence_logprobs(ref_policy, sequences, attention, context_len, cfg.temperature)
+        with accelerator.unwrap_model(policy_model).disable_adapter():
+            return sequence_logprobs(
+                policy_model, sequences, attention, context_len, cfg.temperature
+            )
+
+    prompt_ids = _load_prompts(Path(prompts), tokenizer)
     start, history = 0, []
-    checkpoints = _checkpoint_dirs(out_dir)
+    claimed = claim_checkpoints(out_dir / "checkpoints", run_id)
+    checkpoints = _checkpoint_dirs(out_dir) if claimed else []
     if checkpoints:
-        start, history = _load_checkpoint(
-            checkpoints[-1],
-            accelerator,
-            policy,
-            value_model,
-            policy_opt,
-            value_opt,
-            policy_sched,
-            value_sched,
-            kl_ctl,
-        )
+        start, history = state.load(checkpoints[-1])
+        print(f"resuming from {checkpoints[-1]}")
+    resumed_from = start
 
     progress = tqdm(range(start, n_updates), desc="ppo", initial=start, total=n_updates)
     for update in progress:
         torch.manual_seed(cfg.seed + update)
-        order = torch.randperm(len(prompts))  # a fresh draw of prompts per update
-        batch = [prompts[i] for i in order[: cfg.rollout_batch_size].tolist()]
+        order = torch.randperm(len(prompt_ids))  # a fresh draw of prompts per update
+        batch = [prompt_ids[i] for i in order[: cfg.rollout_batch_size].tolist()]
         queries, query_mask = (t.to(device) for t in _left_pad(batch, pad_id))
         context_len = queries.shape[1]
 
         # 1. Rollout: sample, cut after the first EOS, score.
-        policy.eval()
+        policy_model.eval()
         with torch.no_grad():
-            generated = accelerator.unwrap_model(policy).generate(
+            generated = accelerator.unwrap_model(policy_model).generate(
                 input_ids=queries,
                 attention_mask=query_mask,
                 max_new_tokens=cfg.response_length,
@@ -375,13 +429,13 @@ def train(cfg: PPOConfig, out_dir: Path = DEFAULT_OUT) -> dict[str, Any]:
             responses, mask = truncate_after_eos(responses, eos_id, pad_id)
             sequences = torch.cat([queries, responses], dim=1)  # (B, context_len + T)
             attention = torch.cat([query_mask, mask], dim=1)
-            logprobs = sequence_logprobs(policy, sequences, attention, context_len, cfg.temperature)
-            ref_logprobs = sequence_logprobs(
-                ref_policy, sequences, attention, context_len, cfg.temperature
+            logprobs = sequence_logprobs(
+                policy_model, sequences, attention, context_len, cfg.temperature
             )
-            values = token_scores(value_model, sequences, attention)[:, context_len - 1 : -1]
+            ref_logprobs = reference_logprobs(sequences, attention, context_len)
+            values = token_scores(critic, sequences, attention)[:, context_len - 1 : -1]
             last = context_len - 1 + mask.sum(1)  # position of each sequence's last real token
-            scores = token_scores(reward_model, sequences, attention)[torch.arange(len(last)), last]
+            scores = token_scores(scorer, sequences, attention)[torch.arange(len(last)), last]
             has_eos = (responses == eos_id).any(1)
             if cfg.missing_eos_penalty is not None:
                 scores = torch.where(has_eos, scores, scores - cfg.missing_eos_penalty)
@@ -392,22 +446,24 @@ def train(cfg: PPOConfig, out_dir: Path = DEFAULT_OUT) -> dict[str, Any]:
             advantages = masked_whiten(advantages, mask)
 
         # 3. PPO epochs over shuffled minibatches.
-        policy.train()
-        value_model.train()
+        policy_model.train()
+        critic.train()
         stats: dict[str, list[float]] = {k: [] for k in ("pg", "vf", "approxkl", "clip", "vclip")}
         stats["ratio"] = []
         for _ in range(cfg.ppo_epochs):
             for idx in torch.randperm(len(batch)).split(cfg.mini_batch_size):
                 seq, att, m = sequences[idx], attention[idx], mask[idx]
-                new_logprobs = sequence_logprobs(policy, seq, att, context_len, cfg.temperature)
+                new_logprobs = sequence_logprobs(
+                    policy_model, seq, att, context_len, cfg.temperature
+                )
                 pg = policy_loss(new_logprobs, logprobs[idx], advantages[idx], m, cfg.cliprange)
-                new_values = token_scores(value_model, seq, att)[:, context_len - 1 : -1]
+                new_values = token_scores(critic, seq, att)[:, context_len - 1 : -1]
                 vf, vclip = value_loss(
                     new_values, values[idx], returns[idx], m, cfg.cliprange_value
                 )
                 accelerator.backward(pg.loss + cfg.vf_coef * vf)
-                accelerator.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
-                accelerator.clip_grad_norm_(value_model.parameters(), cfg.max_grad_norm)
+                accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm)
+                accelerator.clip_grad_norm_(critic.parameters(), cfg.max_grad_norm)
                 policy_opt.step()
                 value_opt.step()
                 policy_opt.zero_grad()
@@ -446,22 +502,16 @@ def train(cfg: PPOConfig, out_dir: Path = DEFAULT_OUT) -> dict[str, Any]:
         kl_ctl.update(mean_kl, cfg.rollout_batch_size)
         progress.set_postfix(score=f"{row['objective/scores']:.2f}", kl=f"{mean_kl:.2f}")
         if (update + 1) % cfg.save_every == 0 or update + 1 == n_updates:
-            _save_checkpoint(
-                out_dir / "checkpoints" / f"update-{update + 1}",
-                accelerator,
-                policy,
-                value_model,
-                policy_opt,
-                value_opt,
-                policy_sched,
-                value_sched,
-                kl_ctl,
-                history,
-                cfg.keep_checkpoints,
+            state.save(
+                out_dir / "checkpoints" / f"update-{update + 1}", history, cfg.keep_checkpoints
             )
 
     model_dir = out_dir / "model"
-    accelerator.unwrap_model(policy).save_pretrained(model_dir, safe_serialization=True)
+    final_policy = accelerator.unwrap_model(policy_model)
+    if cfg.lora.enabled:
+        final_policy = final_policy.merge_and_unload()
+    shutil.rmtree(model_dir, ignore_errors=True)
+    final_policy.save_pretrained(model_dir, safe_serialization=True)
     tokenizer.save_pretrained(model_dir)
     with (out_dir / "history.jsonl").open("w") as fh:
         fh.writelines(json.dumps(r) + "\n" for r in history)
@@ -471,70 +521,9 @@ def train(cfg: PPOConfig, out_dir: Path = DEFAULT_OUT) -> dict[str, Any]:
     return {
         "outputs": {"model": str(model_dir), "history": str(out_dir / "history.jsonl")},
         "metrics": metrics,
+        "resumed_from_update": resumed_from,
     }
 
 
 def _mean(values: list[float]) -> float:
     return sum(values) / max(len(values), 1)
-
-
-def _save_checkpoint(
-    path: Path,
-    accelerator: Any,
-    policy: Any,
-    value_model: Any,
-    policy_opt: Any,
-    value_opt: Any,
-    policy_sched: Any,
-    value_sched: Any,
-    kl_ctl: KLController,
-    history: list[dict],
-    keep: int,
-) -> None:
-    """Everything needed to continue exactly: weights, optimizers, schedulers, KL coefficient,
-    the metrics so far. (The RNG needs no saving: each update seeds itself.)"""
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.unwrap_model(policy).save_pretrained(tmp / "policy", safe_serialization=True)
-    accelerator.unwrap_model(value_model).save_pretrained(tmp / "value", safe_serialization=True)
-    torch.save(
-        {
-            "policy_opt": policy_opt.state_dict(),
-            "value_opt": value_opt.state_dict(),
-            "policy_sched": policy_sched.state_dict(),
-            "value_sched": value_sched.state_dict(),
-            "kl_ctl": kl_ctl.state_dict(),
-            "update": int(path.name.split("-")[1]),
-        },
-        tmp / "state.pt",
-    )
-    (tmp / "history.json").write_text(json.dumps(history))
-    shutil.rmtree(path, ignore_errors=True)
-    tmp.rename(path)  # a checkpoint is complete or absent, never half-written
-    for old in _checkpoint_dirs(path.parent)[:-keep]:
-        shutil.rmtree(old)
-
-
-def _load_checkpoint(
-    path: Path,
-    accelerator: Any,
-    policy: Any,
-    value_model: Any,
-    policy_opt: Any,
-    value_opt: Any,
-    policy_sched: Any,
-    value_sched: Any,
-    kl_ctl: KLController,
-) -> tuple[int, list[dict]]:
-    from safetensors.torch import load_file
-
-    for model, name in ((policy, "policy"), (value_model, "value")):
-        state = load_file(str(path / name / "model.safetensors"))
-        accelerator.unwrap_model(model).load_state_dict(state, strict=False)
-    state = torch.load(path / "state.pt", weights_only=True)
-    policy_opt.load_state_dict(state["policy_opt"])
-    value_opt.load_state_dict(state["value_opt"])
-    policy_sched.load_state_dict(state["policy_sched"])
-    value_sched.load_state_dict(state["value_sched"])
-    kl_ctl.load_state_dict(state["kl_ctl"])
-    return state["update"], json.loads((path / "history.json").read_text())

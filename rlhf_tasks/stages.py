@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from rlhf_tasks import base_model, reward, sft, validate
+from rlhf_tasks import base_model, evaluate, policy, reward, sft, validate
 from rlhf_tasks.config import Params
 
 StageFn = Callable[[Params], dict[str, Any]]
@@ -21,4 +21,6 @@ STAGES: dict[str, StageFn] = {
     "validate": validate.run,
     "sft": sft.run,
     "reward": reward.run,
+    "policy": policy.run,
+    "evaluate": evaluate.run,
 }

@@ -185,26 +185,35 @@ def fingerprint(*, inputs: list[str], **settings: Any) -> str:
     return digest.hexdigest()
 
 
-def checkpoint_to_resume(checkpoints: Path, run_id: str) -> str | None:
-    """The last checkpoint in ``checkpoints`` if it belongs to this run (same ``run_id``).
+def claim_checkpoints(checkpoints: Path, run_id: str) -> bool:
+    """Make ``checkpoints`` the checkpoint directory of the run ``run_id``; True if it already
+    was (its checkpoints may be resumed).
 
     Checkpoints of a run with other params or inputs (a killed run, then a change and a rerun)
     are removed rather than resumed: resuming them would silently train a mix of both.
     """
-    from transformers.trainer_utils import get_last_checkpoint
-
     stamp = checkpoints / "run_id"
+    if stamp.exists() and stamp.read_text().strip() == run_id:
+        return True
     if checkpoints.is_dir():
-        last = get_last_checkpoint(str(checkpoints))
-        if last and stamp.exists() and stamp.read_text().strip() == run_id:
-            print(f"resuming from {last}")
-            return last
-        if last:
+        if any(p.is_dir() for p in checkpoints.iterdir()):
             print(f"{checkpoints}: checkpoints of a run with other params or inputs; starting anew")
         shutil.rmtree(checkpoints)
     checkpoints.mkdir(parents=True)
     stamp.write_text(run_id + "\n")
-    return None
+    return False
+
+
+def checkpoint_to_resume(checkpoints: Path, run_id: str) -> str | None:
+    """The last Trainer checkpoint in ``checkpoints`` if it belongs to this run (``run_id``)."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    if not claim_checkpoints(checkpoints, run_id):
+        return None
+    last = get_last_checkpoint(str(checkpoints))
+    if last:
+        print(f"resuming from {last}")
+    return last
 
 
 def resumed_step(checkpoint: str | None) -> int:

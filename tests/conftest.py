@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -35,6 +36,25 @@ def base_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@dataclass(frozen=True)
+class DemoRepro:
+    clone: Path  # a fresh clone of the repo after `rlhf data demo` and `dvc repro`
+    stdout: str  # what `dvc repro` printed
+
+
+@pytest.fixture(scope="session")
+def demo_repro(tmp_path_factory: pytest.TempPathFactory) -> DemoRepro:
+    """The whole demo pipeline with the default params.yaml, as `make demo` runs it on a fresh
+    clone (only git-tracked files; the demo data regenerated): built once per session, shared by
+    the DVC test (dvc.lock reproduces) and the model-quality tests (tests/model)."""
+    from helpers import BIN, fresh_clone, sh
+
+    clone = fresh_clone(tmp_path_factory.mktemp("demo_repro") / "clone")
+    sh(BIN / "rlhf", "data", "demo", cwd=clone, code=clone)
+    repro = sh(BIN / "dvc", "repro", cwd=clone, code=clone)
+    return DemoRepro(clone, repro.stdout)
+
+
 @pytest.fixture(scope="session")
 def demo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A directory holding the demo data set under data/, generated once per session."""
@@ -60,14 +80,21 @@ def project(
 def validated(project: Path):
     """Write the demo data where the validation gate leaves it for the training stages
     (``artifacts/validate/data/<name>.jsonl``), the first rows of each data set:
-    ``validated(sft=64, pairs=64, heldout=32)``; ``None`` keeps every row."""
+    ``validated(sft=64, pairs=64, heldout=32, prompts=32)``; ``None`` keeps every row."""
 
-    def write(sft: int | None = 64, pairs: int | None = 64, heldout: int | None = 32) -> Path:
+    def write(
+        sft: int | None = 64,
+        pairs: int | None = 64,
+        heldout: int | None = 32,
+        prompts: int | None = 32,
+    ) -> Path:
         d, out = DataConfig(), project / validate.DEFAULT_OUT / "data"
         for name, path, rows in (
             ("sft_train", d.sft_train, sft),
             ("preferences_train", d.preferences_train, pairs),
             ("preferences_heldout", d.preferences_heldout, heldout),
+            ("prompts_rl", d.prompts_rl, prompts),
+            ("prompts_heldout", d.prompts_heldout, prompts),
         ):
             frame = data.load([project / path]).frame
             data.write_jsonl(frame if rows is None else frame.head(rows), out / f"{name}.jsonl")

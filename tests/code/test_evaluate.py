@@ -9,7 +9,10 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from rlhf_tasks.evaluate import EvaluateConfig, _chat, _win_rate, distinct_2, reward_scores, run
+from rlhf_tasks import reward
+from rlhf_tasks.config import EvaluateSection
+from rlhf_tasks.errors import ConfigError
+from rlhf_tasks.evaluate import _chat, _win_rate, checks, distinct_2, evaluate
 from rlhf_tasks.ppo import token_scores
 
 REQUIRED = {
@@ -54,7 +57,7 @@ def test_evaluation_scores_like_ppo_does(base_model_dir: Path, reward_dir: Path)
     model = AutoModelForSequenceClassification.from_pretrained(reward_dir).eval()
     prompts = ["Tell me about dogs.", "Describe rain."]
     responses = ["Dogs are loyal friends.", "Rain falls from dark clouds. It is lovely."]
-    scores = reward_scores(model, tokenizer, prompts, responses)
+    scores = reward.score(model, tokenizer, prompts, responses)
     for prompt, response, score in zip(prompts, responses, scores, strict=True):
         ids = tokenizer(_chat(tokenizer, prompt, response), add_special_tokens=False)["input_ids"]
         ids = torch.tensor([ids])
@@ -89,16 +92,16 @@ def test_run_writes_every_metric_report_and_plots(
             for e in (8, 16)
         )
     )
-    cfg = EvaluateConfig(
-        policy=str(base_model_dir),
-        sft=str(base_model_dir),
-        reward_model=str(reward_dir),
-        prompts=str(prompts),
-        pairs=str(demo_root / "data/preferences/heldout.jsonl"),
-        history=str(history),
-        max_new_tokens=8,
+    result = evaluate(
+        EvaluateSection(max_new_tokens=8),
+        policy_dir=base_model_dir,
+        sft_dir=base_model_dir,
+        reward_dir=reward_dir,
+        prompts=prompts,
+        pairs=demo_root / "data/preferences/heldout.jsonl",
+        history=history,
+        out_dir=tmp_path / "out",
     )
-    result = run(cfg, tmp_path / "out")
 
     metrics = json.loads((tmp_path / "out/metrics.json").read_text())
     assert set(metrics) >= REQUIRED
@@ -109,5 +112,49 @@ def test_run_writes_every_metric_report_and_plots(
     assert 0.0 <= metrics["reward_model/accuracy"] <= 1.0
     report = (tmp_path / "out/report.md").read_text()
     assert "| prompt | SFT | policy |" in report and "Tell me about dogs." in report
-    for png in ("reward_model_scores.png", "ppo_reward_kl.png"):
+    for png in ("reward_model_scores.png", "reward_kl.png"):
         assert (tmp_path / "out" / png).read_bytes().startswith(b"\x89PNG")
+    assert metrics["checks/kl_within_budget"] == 1.0
+    assert 0.5 < metrics["reward_model/noise_ceiling"] <= 1.0
+
+
+def test_gold_judge_refuses_prompts_that_are_not_the_demo_s(
+    base_model_dir: Path, reward_dir: Path, demo_root: Path, tmp_path: Path
+) -> None:
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "Summarise this contract."}) + "\n")
+    with pytest.raises(ConfigError, match=r"evaluate\.judge=gold is the demo task.s judge"):
+        evaluate(
+            EvaluateSection(),
+            policy_dir=base_model_dir,
+            sft_dir=base_model_dir,
+            reward_dir=reward_dir,
+            prompts=prompts,
+            pairs=demo_root / "data/preferences/heldout.jsonl",
+            out_dir=tmp_path / "out",
+        )
+
+
+BASE = {
+    "sft/mean_length": 10.0,
+    "sft/distinct_2": 0.5,
+    "policy/mean_length": 11.5,
+    "policy/distinct_2": 0.45,
+    "policy/kl_to_sft": 3.0,
+    "judge/win_rate_vs_sft": 0.4,
+}
+
+
+@pytest.mark.parametrize(
+    ("change", "kl_ok", "style_ok"),
+    [
+        ({}, 1.0, 1.0),  # within 20% on both, KL under budget
+        ({"policy/kl_to_sft": 5.5}, 0.0, 1.0),  # over the 5-nat budget
+        ({"policy/mean_length": 12.5}, 1.0, 0.0),  # 25% longer, and the judge does not like it
+        ({"policy/distinct_2": 0.35}, 1.0, 0.0),  # 30% less diverse
+        ({"policy/mean_length": 12.5, "judge/win_rate_vs_sft": 0.8}, 1.0, 1.0),  # judge prefers
+    ],
+)
+def test_checks_flag_kl_over_budget_and_degeneration(change, kl_ok, style_ok) -> None:
+    result = checks({**BASE, **change}, kl_budget=5.0)
+    assert result == {"checks/kl_within_budget": kl_ok, "checks/no_degeneration": style_ok}

@@ -11,7 +11,8 @@ import pytest
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from rlhf_tasks.ppo import PPOConfig, train
+from rlhf_tasks.config import LoraSection, PpoSection
+from rlhf_tasks.ppo import train
 
 TRL_METRICS = (
     "objective/kl",
@@ -36,11 +37,8 @@ def reward_dir(base_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
 
 
 @pytest.fixture
-def config(base_model_dir: Path, reward_dir: Path, demo_root: Path) -> PPOConfig:
-    return PPOConfig(
-        policy=str(base_model_dir),
-        reward_model=str(reward_dir),
-        prompts=str(demo_root / "data/prompts/rl.jsonl"),
+def config() -> PpoSection:
+    return PpoSection(
         total_episodes=48,
         rollout_batch_size=8,
         mini_batch_size=4,
@@ -53,12 +51,32 @@ def config(base_model_dir: Path, reward_dir: Path, demo_root: Path) -> PPOConfig
     )
 
 
+@pytest.fixture
+def run(base_model_dir: Path, reward_dir: Path, demo_root: Path):
+    """``run(cfg, out_dir, run_id="a")``: PPO from the base model against the untrained reward
+    model, on the demo's RL prompts."""
+
+    def _run(cfg: PpoSection, out_dir: Path, run_id: str = "a") -> dict:
+        return train(
+            cfg,
+            policy=base_model_dir,
+            reward_model=reward_dir,
+            prompts=demo_root / "data/prompts/rl.jsonl",
+            out_dir=out_dir,
+            run_id=run_id,
+        )
+
+    return _run
+
+
 def _history(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
 
 
-def test_ppo_writes_a_policy_and_trl_named_metrics(config: PPOConfig, tmp_path: Path) -> None:
-    result = train(config, tmp_path)
+def test_ppo_writes_a_policy_and_trl_named_metrics(
+    config: PpoSection, run, base_model_dir: Path, tmp_path: Path
+) -> None:
+    result = run(config, tmp_path)
 
     model = AutoModelForCausalLM.from_pretrained(result["outputs"]["model"])
     assert model.config.num_hidden_layers == 2
@@ -74,29 +92,69 @@ def test_ppo_writes_a_policy_and_trl_named_metrics(config: PPOConfig, tmp_path: 
         assert row["val/ratio_first"] == pytest.approx(1.0, abs=1e-6)
         assert row["val/approxkl_first"] == pytest.approx(0.0, abs=1e-9)
     # Training moved the policy away from where it started.
-    start = load_file(str(Path(config.policy) / "model.safetensors"))
+    start = load_file(str(base_model_dir / "model.safetensors"))
     end = load_file(str(Path(result["outputs"]["model"]) / "model.safetensors"))
     assert any(not (start[k] == end[k]).all() for k in start)
 
 
 def test_resumed_run_makes_the_same_updates_as_an_uninterrupted_one(
-    config: PPOConfig, tmp_path: Path
+    config: PpoSection, run, tmp_path: Path
 ) -> None:
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
-    train(config, whole)
+    run(config, whole)
     # A run killed after its checkpoint at update 2: only that checkpoint survives.
     shutil.copytree(whole / "checkpoints/update-2", resumed / "checkpoints/update-2")
-    train(config, resumed)
+    shutil.copy(whole / "checkpoints/run_id", resumed / "checkpoints/run_id")
+    result = run(config, resumed)
 
+    assert result["resumed_from_update"] == 2
     assert _history(resumed) == _history(whole)
     a = load_file(str(whole / "model/model.safetensors"))
     b = load_file(str(resumed / "model/model.safetensors"))
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
 
 
-def test_half_written_checkpoints_are_ignored(config: PPOConfig, tmp_path: Path) -> None:
+def test_half_written_checkpoints_are_ignored(config: PpoSection, run, tmp_path: Path) -> None:
     (tmp_path / "checkpoints/update-4.tmp").mkdir(parents=True)
     (tmp_path / "checkpoints/update-4.tmp/state.pt").write_bytes(b"")  # killed before the rename
     (tmp_path / "checkpoints/update-6").mkdir()  # no state.pt: killed while writing
-    train(config, tmp_path)
+    (tmp_path / "checkpoints/run_id").write_text("a\n")
+    result = run(config, tmp_path)
+    assert result["resumed_from_update"] == 0
     assert [row["update"] for row in _history(tmp_path)] == list(range(1, 7))
+
+
+def test_checkpoints_of_another_run_are_not_resumed(config: PpoSection, run, tmp_path: Path):
+    """Checkpoints of a run with other params or inputs (another run id) are discarded."""
+    run(config, tmp_path, run_id="a")
+    assert (tmp_path / "checkpoints/update-6").exists()
+    result = run(config, tmp_path, run_id="b")
+    assert result["resumed_from_update"] == 0
+    assert (tmp_path / "checkpoints/run_id").read_text().strip() == "b"
+    # The same run id again: everything was done, nothing is trained twice.
+    before = _history(tmp_path)
+    again = run(config, tmp_path, run_id="b")
+    assert again["resumed_from_update"] == 6
+    assert _history(tmp_path) == before
+
+
+def test_lora_policy_uses_the_adapterless_model_as_reference(
+    config: PpoSection, run, base_model_dir: Path, tmp_path: Path
+) -> None:
+    """With LoRA there is no second copy of the policy: the reference is the policy with its
+    adapter disabled, so the first update's KL is 0 (LoRA's B matrices start at zero), and the
+    saved policy is a plain model with the adapter merged."""
+    cfg = config.model_copy(
+        update={"lora": LoraSection(enabled=True, r=4, alpha=8), "learning_rate": 1e-2}
+    )
+    result = run(cfg, tmp_path)
+
+    history = _history(tmp_path)
+    assert history[0]["objective/kl"] == pytest.approx(0.0, abs=1e-6)
+    assert history[-1]["objective/kl"] != pytest.approx(0.0, abs=1e-6)
+    model_dir = Path(result["outputs"]["model"])
+    assert not (model_dir / "adapter_config.json").exists()
+    start = load_file(str(base_model_dir / "model.safetensors"))
+    end = load_file(str(model_dir / "model.safetensors"))
+    assert start.keys() == end.keys()
+    assert any(not (start[k] == end[k]).all() for k in start)

@@ -6,61 +6,20 @@ in temporary git repositories, as a user on a fresh machine would.
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from helpers import BIN, ROOT, fresh_clone, sh
 
 from rlhf_tasks import demo
 from rlhf_tasks.config import load_params
 
-ROOT = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent  # the virtualenv's bin: dvc, rlhf
 FIX_DATA_DVC = (
     "run `rlhf data demo --force && dvc add data` and commit data.dvc "
     "(the demo generator or params.yaml's demo section changed without updating data.dvc)"
 )
-
-
-def _env(code: Path | None = None) -> dict[str, str]:
-    """The environment of a command; ``code``: run that checkout's rlhf_tasks, not the installed
-    (editable) one, as a fresh clone's `dvc repro` would."""
-    env = {
-        **os.environ,
-        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-        "DVC_NO_ANALYTICS": "1",
-        "GIT_AUTHOR_NAME": "test",
-        "GIT_AUTHOR_EMAIL": "test@example.com",
-        "GIT_COMMITTER_NAME": "test",
-        "GIT_COMMITTER_EMAIL": "test@example.com",
-    }
-    if code is not None:
-        env["PYTHONPATH"] = str(code)
-    return env
-
-
-def sh(
-    *cmd: str | Path, cwd: Path, check: bool = True, code: Path | None = None
-) -> subprocess.CompletedProcess[str]:
-    """Run a command; on an unexpected failure, show its output in the assertion."""
-    proc = subprocess.run(
-        [str(c) for c in cmd],
-        cwd=cwd,
-        env=_env(code),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    if check:
-        assert proc.returncode == 0, (
-            f"`{' '.join(map(str, cmd))}` exited {proc.returncode}\n"
-            f"--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}"
-        )
-    return proc
 
 
 def _tree_bytes(root: Path) -> dict[str, bytes]:
@@ -79,21 +38,6 @@ def _git_dvc_repo(path: Path) -> Path:
     sh("git", "init", "-q", cwd=path)
     sh(BIN / "dvc", "init", "-q", cwd=path)
     return path
-
-
-def _fresh_clone(dest: Path) -> Path:
-    """The repo's git-tracked files as they are in the working tree, committed in a new repo."""
-    listed = sh("git", "-C", ROOT, "ls-files", "-z", cwd=ROOT).stdout.split("\0")
-    files = [f for f in listed if f and (ROOT / f).is_file()]
-    assert "data.dvc" in files and "dvc.lock" in files and "params.yaml" in files
-    for rel in files:
-        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / rel, dest / rel)
-    sh("git", "init", "-q", cwd=dest)
-    sh("git", "add", "-A", cwd=dest)
-    sh("git", "commit", "-q", "-m", "fresh clone", cwd=dest)
-    assert not (dest / "data").exists(), "data/ must come from the generator, not from git"
-    return dest
 
 
 # -- data.dvc is the generator's output ---------------------------------------------------------
@@ -177,7 +121,7 @@ def test_fresh_clone_demo_check(tmp_path: Path):
     data/ is generated and must be recognised as the version in data.dvc, though DVC's cache does
     not hold it yet (`dvc status` says "not in cache" there, which is no mismatch).
     """
-    clone = _fresh_clone(tmp_path / "clone")
+    clone = fresh_clone(tmp_path / "clone")
     proc = sh(BIN / "rlhf", "data", "demo", "--check", cwd=clone, check=False, code=clone)
     assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
     md5 = _outs(clone / "data.dvc")["md5"]
@@ -187,18 +131,13 @@ def test_fresh_clone_demo_check(tmp_path: Path):
 
 
 @pytest.mark.slow
-def test_fresh_clone_repro_reproduces_dvc_lock(tmp_path: Path):
-    """`rlhf data demo` + `dvc repro` on a fresh clone pass the gate and give the same dvc.lock."""
-    clone = _fresh_clone(tmp_path / "clone")
-    committed_lock = (clone / "dvc.lock").read_bytes()
-
-    sh(BIN / "rlhf", "data", "demo", cwd=clone, code=clone)
-    repro = sh(BIN / "dvc", "repro", cwd=clone, code=clone)
-    assert "Validation gate PASSED" in repro.stdout, repro.stdout
-    assert "Running stage 'base_model'" in repro.stdout
-    assert "Running stage 'validate'" in repro.stdout
-    assert "Running stage 'sft'" in repro.stdout
-    assert "Running stage 'reward'" in repro.stdout
+def test_fresh_clone_repro_reproduces_dvc_lock(demo_repro) -> None:
+    """`rlhf data demo` + `dvc repro` on a fresh clone pass the gate, run every stage and give
+    the dvc.lock that is committed."""
+    clone, repro = demo_repro.clone, demo_repro.stdout
+    assert "Validation gate PASSED" in repro, repro
+    for stage in yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]:
+        assert f"Running stage '{stage}'" in repro, stage
 
     status = sh(BIN / "dvc", "status", cwd=clone, code=clone)
     assert "Data and pipelines are up to date." in status.stdout, status.stdout
@@ -209,7 +148,7 @@ def test_fresh_clone_repro_reproduces_dvc_lock(tmp_path: Path):
         "a fresh clone's `dvc repro` changed dvc.lock: its outputs are not deterministic, or "
         f"dvc.lock was not updated after a change to a stage's code or params.\n{diff}"
     )
-    assert (clone / "dvc.lock").read_bytes() == committed_lock
+    assert (clone / "dvc.lock").read_bytes() == (ROOT / "dvc.lock").read_bytes()
 
 
 # -- `rlhf data demo` does not overwrite data silently ------------------------------------------

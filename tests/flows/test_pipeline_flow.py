@@ -13,7 +13,15 @@ from rlhf_tasks.stages import STAGES
 pytestmark = pytest.mark.slow
 
 # The training stages for a few steps: the flow's order and wiring are under test, not training.
-FEW_STEPS = [f"{stage}.args.max_steps=2" for stage in ("sft", "reward")]
+FEW_STEPS = [f"{stage}.args.max_steps=2" for stage in ("sft", "reward")] + [
+    "ppo.total_episodes=16",
+    "ppo.rollout_batch_size=8",
+    "ppo.mini_batch_size=8",
+    "ppo.ppo_epochs=1",
+    "ppo.response_length=8",
+    "evaluate.samples_per_prompt=1",
+    "evaluate.max_new_tokens=8",
+]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -33,6 +41,10 @@ def test_flow_runs_every_stage_in_order(project: Path) -> None:
     assert results["sft"]["metrics"]["sft/steps"] == 2
     assert (project / results["reward"]["outputs"]["model"] / "config.json").exists()
     assert "reward_model/accuracy" in results["reward"]["metrics"]
+    # policy trained from that SFT model against that reward model; evaluate compared them.
+    assert results["policy"]["metrics"]["policy/algorithm"] == "ppo"
+    assert "gold/win_rate_vs_sft" in results["evaluate"]["metrics"]
+    assert (project / "artifacts/evaluate/report.md").exists()
 
 
 def test_failed_gate_fails_the_flow_and_writes_no_data(project: Path) -> None:

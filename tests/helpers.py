@@ -1,0 +1,64 @@
+"""Helpers for tests that run the real ``rlhf`` and ``dvc`` executables in scratch git repos."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent  # the virtualenv's bin: dvc, rlhf
+
+
+def env(code: Path | None = None) -> dict[str, str]:
+    """The environment of a command; ``code``: run that checkout's rlhf_tasks, not the installed
+    (editable) one, as a fresh clone's `dvc repro` would."""
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        "DVC_NO_ANALYTICS": "1",
+        "GIT_AUTHOR_NAME": "test",
+        "GIT_AUTHOR_EMAIL": "test@example.com",
+        "GIT_COMMITTER_NAME": "test",
+        "GIT_COMMITTER_EMAIL": "test@example.com",
+    }
+    if code is not None:
+        env["PYTHONPATH"] = str(code)
+    return env
+
+
+def sh(
+    *cmd: str | Path, cwd: Path, check: bool = True, code: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run a command; on an unexpected failure, show its output in the assertion."""
+    proc = subprocess.run(
+        [str(c) for c in cmd],
+        cwd=cwd,
+        env=env(code),
+        capture_output=True,
+        text=True,
+        timeout=1800,  # the whole demo pipeline, on a slow machine
+    )
+    if check:
+        assert proc.returncode == 0, (
+            f"`{' '.join(map(str, cmd))}` exited {proc.returncode}\n"
+            f"--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}"
+        )
+    return proc
+
+
+def fresh_clone(dest: Path) -> Path:
+    """The repo's git-tracked files as they are in the working tree, committed in a new repo."""
+    listed = sh("git", "-C", ROOT, "ls-files", "-z", cwd=ROOT).stdout.split("\0")
+    files = [f for f in listed if f and (ROOT / f).is_file()]
+    assert "data.dvc" in files and "dvc.lock" in files and "params.yaml" in files
+    for rel in files:
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / rel, dest / rel)
+    sh("git", "init", "-q", cwd=dest)
+    sh("git", "add", "-A", cwd=dest)
+    sh("git", "commit", "-q", "-m", "fresh clone", cwd=dest)
+    assert not (dest / "data").exists(), "data/ must come from the generator, not from git"
+    return dest
