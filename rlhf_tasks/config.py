@@ -191,7 +191,7 @@ class PpoSection(_Section):
     ``ppo_epochs`` passes of minibatch steps over it."""
 
     seed: int = 0
-    total_episodes: int = Field(2048, gt=0)  # prompts answered over the run
+    total_episodes: int = Field(3072, gt=0)  # prompts answered over the run
     rollout_batch_size: int = Field(64, gt=0)  # prompts per update
     mini_batch_size: int = Field(16, gt=0)
     ppo_epochs: int = Field(4, gt=0)
@@ -199,7 +199,7 @@ class PpoSection(_Section):
     value_learning_rate: float = Field(1e-4, ge=0)
     response_length: int = Field(40, gt=0)  # max new tokens per response
     temperature: float = Field(0.7, gt=0)  # sampling; also divides the logits of every logprob
-    kl_coef: float = Field(0.05, ge=0)  # beta of the per-token KL penalty (initial, if adaptive)
+    kl_coef: float = Field(0.1, ge=0)  # beta of the per-token KL penalty (initial, if adaptive)
     target_kl: float | None = Field(None, gt=0)  # set: adapt kl_coef towards this sequence KL
     kl_horizon: int = Field(10000, gt=0)
     gamma: float = Field(1.0, ge=0, le=1)

@@ -7,12 +7,14 @@ and a win rate against SFT judged by a judge the policy was not optimised agains
 gold judge, or another reward model given by path: never the one PPO maximised).
 
 Writes ``artifacts/evaluate/metrics.json`` (a flat JSON object), ``report.md`` with SFT and
-policy generations side by side, and PNG plots: reward and KL over PPO updates, and reward-model
-scores of chosen vs rejected held-out responses.
+policy generations side by side, every generation with its judge score in
+``generations.jsonl``, and PNG plots: reward and KL over training, and reward-model scores of
+chosen vs rejected held-out responses.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -186,6 +188,12 @@ def evaluate(
     metrics = {k: round(float(v), 6) for k, v in sorted(metrics.items())}
     write_json(out_dir / "metrics.json", metrics)
     _write_report(out_dir, cfg, metrics, texts_in, generations, judged)
+    with (out_dir / "generations.jsonl").open("w", encoding="utf-8") as fh:
+        for i, prompt in enumerate(texts_in):
+            row = {"prompt": prompt}
+            for name in ("sft", "policy"):
+                row[name], row[f"{name}_judge_score"] = generations[name][i], judged[name][i]
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
     _plot(out_dir, history, chosen, rejected)
     return {
         "outputs": {"metrics": str(out_dir / "metrics.json"), "report": str(out_dir / "report.md")},

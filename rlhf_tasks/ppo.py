@@ -393,18 +393,32 @@ def train(
 
     prompt_ids = _load_prompts(Path(prompts), tokenizer)
     start, history = 0, []
-    claimed = claim_checkpoints(out_dir / "checkpoints", run_id)
-    checkpoints = _checkpoint_dirs(out_dir) if claimed else []
+    if accelerator.is_main_process:  # checkpoints of another run are removed, not resumed
+        claim_checkpoints(out_dir / "checkpoints", run_id)
+    accelerator.wait_for_everyone()
+    checkpoints = _checkpoint_dirs(out_dir)
     if checkpoints:
         start, history = state.load(checkpoints[-1])
         print(f"resuming from {checkpoints[-1]}")
     resumed_from = start
 
-    progress = tqdm(range(start, n_updates), desc="ppo", initial=start, total=n_updates)
+    # With several processes (DDP under `accelerate launch`) each answers its own share of the
+    # update's prompts; gradients are averaged by DDP, the logged statistics by a reduce.
+    per_process = cfg.rollout_batch_size // accelerator.num_processes
+    mine = slice(
+        accelerator.process_index * per_process, (accelerator.process_index + 1) * per_process
+    )
+    progress = tqdm(
+        range(start, n_updates),
+        desc="ppo",
+        initial=start,
+        total=n_updates,
+        disable=not accelerator.is_main_process,
+    )
     for update in progress:
         torch.manual_seed(cfg.seed + update)
         order = torch.randperm(len(prompt_ids))  # a fresh draw of prompts per update
-        batch = [prompt_ids[i] for i in order[: cfg.rollout_batch_size].tolist()]
+        batch = [prompt_ids[i] for i in order[: cfg.rollout_batch_size][mine].tolist()]
         queries, query_mask = (t.to(device) for t in _left_pad(batch, pad_id))
         context_len = queries.shape[1]
 
@@ -498,26 +512,35 @@ def train(
             "val/response_length": mask.sum(1).float().mean().item(),
             "lr": policy_sched.get_last_lr()[0],
         }
+        if accelerator.num_processes > 1:  # the whole update's statistics, not this process's
+            values = accelerator.reduce(torch.tensor(list(row.values()), device=device), "mean")
+            row = dict(zip(row, values.tolist(), strict=True))
+            row["update"], row["episode"] = update + 1, (update + 1) * cfg.rollout_batch_size
+            mean_kl = row["objective/kl"]
         history.append(row)
         kl_ctl.update(mean_kl, cfg.rollout_batch_size)
         progress.set_postfix(score=f"{row['objective/scores']:.2f}", kl=f"{mean_kl:.2f}")
-        if (update + 1) % cfg.save_every == 0 or update + 1 == n_updates:
+        save = (update + 1) % cfg.save_every == 0 or update + 1 == n_updates
+        if save and accelerator.is_main_process:
             state.save(
                 out_dir / "checkpoints" / f"update-{update + 1}", history, cfg.keep_checkpoints
             )
+        accelerator.wait_for_everyone()
 
     model_dir = out_dir / "model"
-    final_policy = accelerator.unwrap_model(policy_model)
-    if cfg.lora.enabled:
-        final_policy = final_policy.merge_and_unload()
-    shutil.rmtree(model_dir, ignore_errors=True)
-    final_policy.save_pretrained(model_dir, safe_serialization=True)
-    tokenizer.save_pretrained(model_dir)
-    with (out_dir / "history.jsonl").open("w") as fh:
-        fh.writelines(json.dumps(r) + "\n" for r in history)
     final = history[-1] if history else {}
     metrics = {k: v for k, v in final.items() if "/" in k}
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    if accelerator.is_main_process:
+        final_policy = accelerator.unwrap_model(policy_model)
+        if cfg.lora.enabled:
+            final_policy = final_policy.merge_and_unload()
+        shutil.rmtree(model_dir, ignore_errors=True)
+        final_policy.save_pretrained(model_dir, safe_serialization=True)
+        tokenizer.save_pretrained(model_dir)
+        with (out_dir / "history.jsonl").open("w") as fh:
+            fh.writelines(json.dumps(r) + "\n" for r in history)
+        (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    accelerator.wait_for_everyone()
     return {
         "outputs": {"model": str(model_dir), "history": str(out_dir / "history.jsonl")},
         "metrics": metrics,

@@ -41,3 +41,20 @@ def test_params_file_has_no_section_that_config_ignores() -> None:
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     fields = {f.alias or n for n, f in Params.model_fields.items()}
     assert set(raw) <= fields
+
+
+def test_metrics_table_shows_the_key_figures_of_the_last_run(tmp_path: Path) -> None:
+    from rlhf_tasks.cli import metrics_table
+
+    assert "no metrics yet" in metrics_table(tmp_path)
+    (tmp_path / "reward").mkdir()
+    (tmp_path / "reward/metrics.json").write_text('{"reward_model/accuracy": 0.8625}')
+    (tmp_path / "evaluate").mkdir()
+    (tmp_path / "evaluate/metrics.json").write_text('{"judge/win_rate_vs_sft": 0.75}')
+    (tmp_path / "policy").mkdir()
+    (tmp_path / "policy/run.json").write_text('{"policy/algorithm": "grpo"}')
+    lines = metrics_table(tmp_path).splitlines()
+    assert lines[1].split() == ["policy", "algorithm", "grpo"]
+    assert lines[2].endswith("0.863") and "reward model: held-out accuracy" in lines[2]
+    assert lines[3].endswith("0.750") and "win rate vs SFT" in lines[3]
+    assert len(lines) == 4

@@ -57,3 +57,17 @@ def test_failed_gate_fails_the_flow_and_writes_no_data(project: Path) -> None:
     )
     assert (project / "artifacts/validate/report.json").exists()
     assert not (project / "artifacts/validate/data").exists()
+
+
+def test_rlhf_run_stops_at_the_gate_with_exit_code_1(project: Path, rlhf) -> None:
+    """`rlhf run` is the flow from the command line: a failed gate is a data error (exit 1) that
+    names the file and row, not a traceback; no later stage ran."""
+    train = project / "data/preferences/train.jsonl"
+    n_rows = len(train.read_text().splitlines())
+    train.write_text(train.read_text() + '{"prompt": "Tell me about dogs.", "chosen": \n')
+    code, out, err = rlhf("run")
+    assert code == 1, (out, err)
+    assert "validation gate failed" in err
+    assert f"train.jsonl:{n_rows + 1}" in out + err
+    assert "Traceback" not in err
+    assert not (project / "artifacts/sft").exists()
