@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -67,7 +68,14 @@ def test_rlhf_run_stops_at_the_gate_with_exit_code_1(project: Path, rlhf) -> Non
     train.write_text(train.read_text() + '{"prompt": "Tell me about dogs.", "chosen": \n')
     code, out, err = rlhf("run")
     assert code == 1, (out, err)
-    assert "validation gate failed" in err
-    assert f"train.jsonl:{n_rows + 1}" in out + err
+    assert "validation gate failed (preferences_train/parseable)" in err
     assert "Traceback" not in err
+    # The summary with file:row goes to Prefect's log; the report has it too.
+    report = json.loads((project / "artifacts/validate/report.json").read_text())
+    (failed,) = [
+        c
+        for c in report["checks"]
+        if c["dataset"] == "preferences_train" and c["check"] == "parseable"
+    ]
+    assert "train.jsonl" in json.dumps(failed) and str(n_rows + 1) in json.dumps(failed), failed
     assert not (project / "artifacts/sft").exists()
