@@ -14,6 +14,7 @@ export DVC_NO_ANALYTICS := 1
 export GX_ANALYTICS_ENABLED := false
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
+export MLFLOW_DISABLE_TELEMETRY := true
 # dvc.yaml's commands call `rlhf`, so the venv's bin goes first on PATH.
 export PATH := $(abspath $(BIN)):$(PATH)
 # The machine's pip config may list local indexes that do not exist; their warnings are noise.
@@ -33,12 +34,13 @@ $(STAMP): requirements.lock pyproject.toml
 	$(BIN)/python -m pip check
 	@touch $(STAMP)
 
-# The embedded demo: demo data (regenerated to the version in data.dvc), then `dvc repro`.
+# The embedded demo: demo data (regenerated to the version in data.dvc), then the Prefect flow
+# (ephemeral API) with MLflow's embedded store (mlflow.db); it ends with the key metrics, the
+# promotion decision and the registry.
 demo: setup
 	$(BIN)/rlhf data demo --check
-	$(BIN)/dvc repro
-	$(BIN)/dvc status
-	$(BIN)/rlhf metrics
+	$(BIN)/rlhf run
+	$(BIN)/rlhf models
 
 test: setup
 	$(BIN)/python -m pytest -q
@@ -66,4 +68,4 @@ lock:
 	mv requirements.lock.new requirements.lock && rm -rf .lock-venv
 
 clean:
-	rm -rf artifacts .pytest_cache .ruff_cache
+	rm -rf artifacts .pytest_cache .ruff_cache  # mlflow.db and mlruns/ hold the registry: kept

@@ -1,7 +1,8 @@
 """Prefect flow ``rlhf_pipeline``: the stages of ``rlhf_tasks.stages.STAGES``, in order, as tasks.
 
-Thin by design: each task is the stage's own function; the flow only orders them and fails at
-the first stage that fails (a failed validation gate stops the run before any training).
+Thin by design: each task is the stage's own function, tracked as a nested MLflow run under the
+flow's parent run; the flow only orders them and fails at the first stage that fails (a failed
+validation gate stops the run before any training, and nothing is registered).
 
     python -m flows.pipeline            # in-process, on Prefect's ephemeral API
 """
@@ -12,8 +13,9 @@ from typing import Any
 
 from prefect import flow, task
 
+from rlhf_tasks import tracking
 from rlhf_tasks.config import DEFAULT_PARAMS, load_params
-from rlhf_tasks.stages import STAGES
+from rlhf_tasks.stages import STAGES, run_stage
 
 
 @flow(name="rlhf_pipeline", log_prints=True)
@@ -22,8 +24,12 @@ def rlhf_pipeline(
 ) -> dict[str, Any]:
     params = load_params(params_path, overrides or [])
     results: dict[str, Any] = {}
-    for name, stage in STAGES.items():
-        results[name] = task(stage, name=name, task_run_name=name)(params)
+    with tracking.pipeline_run(params, params_path) as parent:
+        for name in STAGES:
+            # Prints stay prints: log_prints would swap out `print`, and libraries that capture
+            # stdout (dill, under datasets' fingerprinting) would spill into the log.
+            stage_task = task(run_stage, name=name, task_run_name=name, log_prints=False)
+            results[name] = stage_task(name, params, parent.info.run_id)
     return results
 
 

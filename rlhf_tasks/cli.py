@@ -5,9 +5,15 @@
     rlhf stage NAME                                run one stage as dvc.yaml calls it
     rlhf run                                       every stage in order (the Prefect flow)
     rlhf metrics                                   the key metrics of the last run, as a table
+    rlhf models                                    registered versions, aliases, decisions
+    rlhf promote --version N                       make policy version N the champion by hand
+    rlhf rollback                                  the champion alias back to the previous one
+    rlhf lineage NAME@alias | NAME/version         data md5, DVC remote, commit, runs, params
+    rlhf generate "PROMPT" [--model REF]           a response from the champion policy
 
 Every command takes ``--params FILE`` and DVC-style overrides ``-S section.key=value``.
-Exit codes: 0 success (valid data), 1 invalid data, 2 usage or configuration error.
+Exit codes: 0 success (valid data), 1 invalid data or nothing to do (rollback), 2 usage or
+configuration error.
 A user mistake prints one message, never a traceback.
 """
 
@@ -24,13 +30,14 @@ from pathlib import Path
 
 from rlhf_tasks.config import DEFAULT_PARAMS, Params, load_params
 from rlhf_tasks.errors import ConfigError, DataError, UserError
-from rlhf_tasks.stages import STAGES
+from rlhf_tasks.stages import STAGES, run_stage
 
 # Privacy by default: no analytics from the libraries this tool drives.
 for _var, _value in {
     "DVC_NO_ANALYTICS": "1",
     "GX_ANALYTICS_ENABLED": "false",
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
 }.items():
     os.environ.setdefault(_var, _value)
 
@@ -81,6 +88,21 @@ def _parser() -> argparse.ArgumentParser:
     _common(p)
 
     p = sub.add_parser("metrics", help="the key metrics of the last run (artifacts/), as a table")
+    _common(p)
+
+    p = sub.add_parser("models", help="registered model versions, aliases and decisions")
+    _common(p)
+    p = sub.add_parser("promote", help="make a policy version the champion by hand (recorded)")
+    p.add_argument("--version", type=int, required=True, help="policy version number")
+    _common(p)
+    p = sub.add_parser("rollback", help="move the champion alias back to the previous champion")
+    _common(p)
+    p = sub.add_parser("lineage", help="the data, code, params and runs behind a model version")
+    p.add_argument("ref", help="NAME@alias or NAME/version, e.g. rlhf-demo-policy@champion")
+    _common(p)
+    p = sub.add_parser("generate", help="a response from a registered policy (the champion)")
+    p.add_argument("prompt")
+    p.add_argument("--model", help="NAME@alias or NAME/version (default: <prefix>-policy@champion)")
     _common(p)
     return parser
 
@@ -164,7 +186,7 @@ def cmd_data_demo(args: argparse.Namespace, params: Params) -> int:
 
 
 def cmd_stage(args: argparse.Namespace, params: Params) -> int:
-    result = STAGES[args.name](params)
+    result = run_stage(args.name, params)
     print(f"stage {args.name}: {json.dumps(result['outputs'])}")
     return 0
 
@@ -221,6 +243,29 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"rlhf: pipeline failed: {state.message}", file=sys.stderr)
         return 1
     print(metrics_table())
+    decision = Path("artifacts/promote/decision.json")
+    if decision.exists():
+        d = json.loads(decision.read_text())
+        verdict = "champion" if d["promoted"] else "rejected: " + "; ".join(d["reasons"])
+        print(f"{d['model']} version {d['version']}: {verdict}")
+    return 0
+
+
+def cmd_registry(args: argparse.Namespace, params: Params) -> int:
+    from rlhf_tasks import promote, registry
+
+    if args.command == "models":
+        print(registry.models_table(params))
+    elif args.command == "promote":
+        print(promote.promote_version(params, args.version))
+    elif args.command == "rollback":
+        changed, message = promote.rollback(params)
+        print(message, file=sys.stdout if changed else sys.stderr)
+        return 0 if changed else 1
+    elif args.command == "lineage":
+        print(registry.lineage(args.ref))
+    else:
+        print(registry.generate(params, args.prompt, args.model))
     return 0
 
 
@@ -237,6 +282,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "metrics":
             print(metrics_table())
             return 0
+        if args.command in ("models", "promote", "rollback", "lineage", "generate"):
+            return cmd_registry(args, params)
         return cmd_stage(args, params)
     except UserError as exc:
         print(f"rlhf: error: {exc}", file=sys.stderr)

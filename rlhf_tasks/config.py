@@ -251,6 +251,32 @@ class EvaluateSection(_Section):
     kl_budget: float = Field(10.0, gt=0)
 
 
+class TrackingSection(_Section):
+    """MLflow: the experiment every run goes to and the registry names (not a stage; changing it
+    re-runs nothing). The store is ``MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db`` here."""
+
+    experiment: str = Field("rlhf", min_length=1)
+    # Models are registered as <model_prefix>-policy and <model_prefix>-reward.
+    model_prefix: str = Field("rlhf-demo", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+class PromoteSection(_Section):
+    """Stage ``promote``: register the policy and reward model, then the gate. The new policy
+    version (alias ``challenger``) gets ``champion`` only if it passes every threshold here;
+    otherwise it is tagged rejected, with the reasons."""
+
+    # Judge's win rate of the challenger against the champion on the held-out prompts (the first
+    # model is compared with the SFT model). 0.5 is a tie: a retrain that is no better stays out.
+    min_win_rate: float = Field(0.55, ge=0, le=1)
+    # The reward model's held-out accuracy must reach this floor.
+    min_reward_model_accuracy: float = Field(0.75, ge=0, le=1)
+    # evaluate's checks that must pass (checks/<name> == 1); the KL budget is evaluate.kl_budget.
+    required_checks: list[Literal["kl_within_budget", "no_degeneration"]] = [
+        "kl_within_budget",
+        "no_degeneration",
+    ]
+
+
 class Params(_Section):
     data: DataConfig = DataConfig()
     demo: DemoConfig = DemoConfig()
@@ -265,6 +291,8 @@ class Params(_Section):
     grpo: TrlPolicySection = TrlPolicySection()
     dpo: TrlPolicySection = TrlPolicySection()
     evaluate: EvaluateSection = EvaluateSection()
+    promote: PromoteSection = PromoteSection()
+    tracking: TrackingSection = TrackingSection()
 
     @property
     def validate_config(self) -> ValidateConfig:

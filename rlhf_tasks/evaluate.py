@@ -15,6 +15,7 @@ chosen vs rejected held-out responses.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -92,8 +93,49 @@ def distinct_2(texts: list[str]) -> float:
     return len(set(bigrams)) / max(len(bigrams), 1)
 
 
-def _win_rate(a: list[float], b: list[float]) -> float:
+def win_rate(a: list[float], b: list[float]) -> float:
+    """Share of samples where ``a`` scores higher than ``b`` (a tie counts half)."""
     return sum(1.0 if x > y else 0.5 if x == y else 0.0 for x, y in zip(a, b, strict=True)) / len(a)
+
+
+Judge = Callable[[list[str], list[str]], list[float]]
+
+
+def judge(cfg: EvaluateSection, trust_remote_code: bool = False) -> Judge:
+    """The configured judge as ``scores = judge(prompts, responses)``: the demo's gold score,
+    or the reward model at the path ``cfg.judge``."""
+    if cfg.judge == "gold":
+        return lambda prompts, texts: [
+            demo.gold_score(p, t) for p, t in zip(prompts, texts, strict=True)
+        ]
+    model, tokenizer = reward.load_reward_model(cfg.judge, trust_remote_code)
+    return lambda prompts, texts: reward.score(model, tokenizer, prompts, texts, cfg.batch_size)
+
+
+def compare(
+    cfg: EvaluateSection,
+    models: dict[str, tuple[Any, Any]],
+    prompts: str | Path,
+    trust_remote_code: bool = False,
+) -> dict[str, Any]:
+    """Two models, ``{name: (model, tokenizer)}``, on the held-out prompts of ``prompts``: the
+    same prompts, samples and random stream for each, scored by the configured judge. Returns
+    each one's mean judge score and the first one's win rate over the second."""
+    rows = read_jsonl(Path(prompts), "evaluate")
+    if cfg.judge == "gold":
+        _check_demo_prompts([r["prompt"] for r in rows], Path(prompts))
+    texts_in = [r["prompt"] for r in rows] * cfg.samples_per_prompt
+    score = judge(cfg, trust_remote_code)
+    judged = {
+        name: score(texts_in, generate(model.eval(), tokenizer, texts_in, cfg))
+        for name, (model, tokenizer) in models.items()
+    }
+    first, second = judged.values()
+    return {
+        "scores": {name: sum(s) / len(s) for name, s in judged.items()},
+        "win_rate": win_rate(first, second),
+        "samples": len(texts_in),
+    }
 
 
 def run(params: Params, out_dir: Path = DEFAULT_OUT) -> dict[str, Any]:
@@ -164,21 +206,18 @@ def evaluate(
         "policy": AutoModelForCausalLM.from_pretrained(policy_dir, **remote).eval(),
     }
     generations = {name: generate(m, tokenizer, texts_in, cfg) for name, m in models.items()}
-    judge = None if cfg.judge == "gold" else reward.load_reward_model(cfg.judge, trust_remote_code)
+    score = judge(cfg, trust_remote_code)
     judged: dict[str, list[float]] = {}
     for name, texts in generations.items():
         rm = reward.score(scorer, rm_tokenizer, texts_in, texts, cfg.batch_size)
         metrics[f"{name}/reward_mean"] = sum(rm) / len(rm)
         metrics[f"{name}/mean_length"] = sum(len(t.split()) for t in texts) / len(texts)
         metrics[f"{name}/distinct_2"] = distinct_2(texts)
-        if judge is None:
-            judged[name] = [demo.gold_score(p, t) for p, t in zip(texts_in, texts, strict=True)]
-            metrics[f"gold/{name}_score"] = sum(judged[name]) / len(texts)
-        else:
-            judged[name] = reward.score(*judge, texts_in, texts, cfg.batch_size)
-            metrics[f"judge/{name}_score"] = sum(judged[name]) / len(texts)
-    metrics["judge/win_rate_vs_sft"] = _win_rate(judged["policy"], judged["sft"])
-    if judge is None:
+        judged[name] = score(texts_in, texts)
+        scope = "gold" if cfg.judge == "gold" else "judge"
+        metrics[f"{scope}/{name}_score"] = sum(judged[name]) / len(texts)
+    metrics["judge/win_rate_vs_sft"] = win_rate(judged["policy"], judged["sft"])
+    if cfg.judge == "gold":
         metrics["gold/win_rate_vs_sft"] = metrics["judge/win_rate_vs_sft"]
     metrics["policy/kl_to_sft"] = sequence_kl(
         models["policy"], models["sft"], tokenizer, texts_in, generations["policy"], cfg.temperature

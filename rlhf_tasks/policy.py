@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from rlhf_tasks import ppo, reward, sft, validate
+from rlhf_tasks import ppo, reward, sft, tracking, validate
 from rlhf_tasks.config import Params
 from rlhf_tasks.errors import ConfigError
 from rlhf_tasks.training import (
@@ -90,6 +90,7 @@ def run(params: Params, out_dir: Path = DEFAULT_OUT) -> dict[str, Any]:
             out_dir=out_dir,
             run_id=run_id,
             trust_remote_code=params.model.trust_remote_code,
+            on_update=lambda row: tracking.log_step(row, step=int(row["update"])),
         )
         metrics, resumed = result["metrics"], result["resumed_from_update"]
     else:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -322,6 +323,7 @@ def train(
     value_model: str | Path | None = None,
     run_id: str = "",
     trust_remote_code: bool = False,
+    on_update: Callable[[dict[str, float]], None] | None = None,
 ) -> dict[str, Any]:
     """Run PPO from the model at ``policy`` (also the frozen reference of the KL penalty) against
     the reward model at ``reward_model``, on the prompts of a JSONL file; the value model starts
@@ -329,7 +331,8 @@ def train(
     ``out_dir/checkpoints`` if they were written by the same ``run_id`` (a digest of params and
     inputs; see ``training.claim_checkpoints``). Writes the policy to ``out_dir/model`` (a plain
     model directory; a LoRA adapter is merged), the per-update metrics to
-    ``out_dir/history.jsonl`` and the final metrics to ``out_dir/metrics.json``."""
+    ``out_dir/history.jsonl`` and the final metrics to ``out_dir/metrics.json``. The main
+    process calls ``on_update(row)`` with each update's metrics (row["update"] is the step)."""
     from accelerate import Accelerator
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -518,6 +521,8 @@ def train(
             row["update"], row["episode"] = update + 1, (update + 1) * cfg.rollout_batch_size
             mean_kl = row["objective/kl"]
         history.append(row)
+        if on_update is not None and accelerator.is_main_process:
+            on_update(row)
         kl_ctl.update(mean_kl, cfg.rollout_batch_size)
         progress.set_postfix(score=f"{row['objective/scores']:.2f}", kl=f"{mean_kl:.2f}")
         save = (update + 1) % cfg.save_every == 0 or update + 1 == n_updates

@@ -4,6 +4,9 @@ Each entry maps a stage name (also its ``params.yaml`` section, its ``dvc.yaml``
 module and its Prefect task) to the stage's entry function: ``fn(params) -> {"outputs": {...},
 "metrics": {...}}``. The CLI (``rlhf stage NAME``), the Prefect flow and the tests all use this
 list; ``tests/code/test_stages.py`` keeps ``dvc.yaml`` in agreement with it.
+
+``run_stage`` is how the CLI and the flow call a stage: tracked as an MLflow run (see
+``rlhf_tasks/tracking.py``). The stage functions themselves know nothing of MLflow.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from rlhf_tasks import base_model, evaluate, policy, reward, sft, validate
+from rlhf_tasks import base_model, evaluate, policy, promote, reward, sft, tracking, validate
 from rlhf_tasks.config import Params
 
 StageFn = Callable[[Params], dict[str, Any]]
@@ -23,4 +26,12 @@ STAGES: dict[str, StageFn] = {
     "reward": reward.run,
     "policy": policy.run,
     "evaluate": evaluate.run,
+    "promote": promote.run,
 }
+
+
+def run_stage(name: str, params: Params, parent_run_id: str | None = None) -> dict[str, Any]:
+    """Run stage ``name`` as an MLflow run (nested under ``parent_run_id`` when given)."""
+    with tracking.stage_run(name, params, parent_run_id) as result:
+        result.update(STAGES[name](params))
+    return result

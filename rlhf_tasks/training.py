@@ -71,6 +71,8 @@ def trainer_config(
     """
     import torch
 
+    from rlhf_tasks.tracking import active as tracking_active
+
     fields = {f.name for f in dataclasses.fields(cls) if f.init}
     hints = typing.get_type_hints(cls)
     checked: dict[str, Any] = {}
@@ -89,8 +91,8 @@ def trainer_config(
         return cls(
             output_dir=str(output_dir),
             seed=seed,
-            # MLflow tracking comes with the pipeline's tracking issue; until then, nothing.
-            report_to="none",
+            # Per-step metrics go to the stage's MLflow run when it is tracked (see tracking.py).
+            report_to="mlflow" if tracking_active() else "none",
             **stage,
             **checked,
         )

@@ -18,6 +18,7 @@ for _var, _value in {
     "GX_ANALYTICS_ENABLED": "false",
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "DO_NOT_TRACK": "1",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
 }.items():
     os.environ[_var] = _value
 
@@ -37,22 +38,23 @@ def base_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @dataclass(frozen=True)
-class DemoRepro:
-    clone: Path  # a fresh clone of the repo after `rlhf data demo` and `dvc repro`
-    stdout: str  # what `dvc repro` printed
+class DemoRun:
+    clone: Path  # a fresh clone of the repo after `rlhf data demo --check` and `rlhf run`
+    stdout: str  # what `rlhf run` printed
 
 
 @pytest.fixture(scope="session")
-def demo_repro(tmp_path_factory: pytest.TempPathFactory) -> DemoRepro:
+def demo_run(tmp_path_factory: pytest.TempPathFactory) -> DemoRun:
     """The whole demo pipeline with the default params.yaml, as `make demo` runs it on a fresh
-    clone (only git-tracked files; the demo data regenerated): built once per session, shared by
-    the DVC test (dvc.lock reproduces) and the model-quality tests (tests/model)."""
+    clone (only git-tracked files; the demo data regenerated; the Prefect flow with MLflow's
+    embedded store): built once per session, shared by the DVC test (its outputs are the ones
+    dvc.lock records), the model-quality tests (tests/model) and the registry tests."""
     from helpers import BIN, fresh_clone, sh
 
-    clone = fresh_clone(tmp_path_factory.mktemp("demo_repro") / "clone")
-    sh(BIN / "rlhf", "data", "demo", cwd=clone, code=clone)
-    repro = sh(BIN / "dvc", "repro", cwd=clone, code=clone)
-    return DemoRepro(clone, repro.stdout)
+    clone = fresh_clone(tmp_path_factory.mktemp("demo_run") / "clone")
+    sh(BIN / "rlhf", "data", "demo", "--check", cwd=clone, code=clone)
+    run = sh(BIN / "rlhf", "run", cwd=clone, code=clone)
+    return DemoRun(clone, run.stdout)
 
 
 @pytest.fixture(scope="session")
@@ -69,6 +71,8 @@ def project(
 ) -> Path:
     """A project directory (the repo's params.yaml, the demo data, the tiny model) as cwd."""
     shutil.copytree(demo_root / "data", tmp_path / "data")
+    shutil.copy(ROOT / "dvc.yaml", tmp_path)  # the stages' params sections and deps
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the project's own mlflow.db
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["model"]["name_or_path"] = str(base_model_dir)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

@@ -24,6 +24,7 @@ def env(code: Path | None = None) -> dict[str, str]:
         "GIT_COMMITTER_NAME": "test",
         "GIT_COMMITTER_EMAIL": "test@example.com",
     }
+    env.pop("MLFLOW_TRACKING_URI", None)  # each project its own embedded store
     if code is not None:
         env["PYTHONPATH"] = str(code)
     return env

@@ -12,7 +12,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from rlhf_tasks import reward
 from rlhf_tasks.config import EvaluateSection
 from rlhf_tasks.errors import ConfigError
-from rlhf_tasks.evaluate import _chat, _win_rate, checks, distinct_2, evaluate
+from rlhf_tasks.evaluate import _chat, checks, distinct_2, evaluate, win_rate
 from rlhf_tasks.ppo import token_scores
 
 REQUIRED = {
@@ -48,7 +48,7 @@ def test_distinct_2_counts_unique_word_bigrams() -> None:
 
 
 def test_win_rate_counts_ties_as_half() -> None:
-    assert _win_rate([2.0, 1.0, 0.0], [1.0, 1.0, 1.0]) == pytest.approx(0.5)
+    assert win_rate([2.0, 1.0, 0.0], [1.0, 1.0, 1.0]) == pytest.approx(0.5)
 
 
 def test_evaluation_scores_like_ppo_does(base_model_dir: Path, reward_dir: Path) -> None:

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from mlflow import MlflowClient
 from prefect.testing.utilities import prefect_test_harness
 
 from flows.pipeline import rlhf_pipeline
@@ -46,6 +47,8 @@ def test_flow_runs_every_stage_in_order(project: Path) -> None:
     assert results["policy"]["metrics"]["policy/algorithm"] == "ppo"
     assert "gold/win_rate_vs_sft" in results["evaluate"]["metrics"]
     assert (project / "artifacts/evaluate/report.md").exists()
+    # promote registered this run's models, and decided (two steps of training rarely win).
+    assert results["promote"]["metrics"]["promote/policy_version"] == 1
 
 
 def test_failed_gate_fails_the_flow_and_writes_no_data(project: Path) -> None:
@@ -79,3 +82,13 @@ def test_rlhf_run_stops_at_the_gate_with_exit_code_1(project: Path, rlhf) -> Non
     ]
     assert "train.jsonl" in json.dumps(failed) and str(n_rows + 1) in json.dumps(failed), failed
     assert not (project / "artifacts/sft").exists()
+    # MLflow: the validate run failed with its report; the pipeline's run failed; no model.
+    client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+    runs = {
+        r.info.run_name: r
+        for r in client.search_runs([client.get_experiment_by_name("rlhf").experiment_id])
+    }
+    assert set(runs) == {"rlhf_pipeline", "base_model", "validate"}
+    assert runs["validate"].info.status == runs["rlhf_pipeline"].info.status == "FAILED"
+    assert [a.path for a in client.list_artifacts(runs["validate"].info.run_id)] == ["report.json"]
+    assert client.search_registered_models() == []

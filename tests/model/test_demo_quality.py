@@ -1,5 +1,5 @@
 """The quality bars of the demo with the default params.yaml, on the outputs of the whole
-pipeline run as `make demo` runs it (the session's ``demo_repro`` fresh clone).
+pipeline run as `make demo` runs it (the session's ``demo_run`` fresh clone).
 
 - the reward model: held-out accuracy at least 0.80, beside the annotators' noise ceiling, and
   it tells an answer on the topic from a well-formed answer on another topic;
@@ -44,12 +44,12 @@ OFF_TOPIC = [
 
 
 @pytest.fixture(scope="module")
-def metrics(demo_repro) -> dict[str, float]:
-    return json.loads((demo_repro.clone / "artifacts/evaluate/metrics.json").read_text())
+def metrics(demo_run) -> dict[str, float]:
+    return json.loads((demo_run.clone / "artifacts/evaluate/metrics.json").read_text())
 
 
-def test_reward_model_is_accurate_on_held_out_pairs(demo_repro, metrics) -> None:
-    stage = json.loads((demo_repro.clone / "artifacts/reward/metrics.json").read_text())
+def test_reward_model_is_accurate_on_held_out_pairs(demo_run, metrics) -> None:
+    stage = json.loads((demo_run.clone / "artifacts/reward/metrics.json").read_text())
     assert stage["reward_model/heldout_pairs"] == 400
     # The stage's own held-out figure and the evaluation's agree: same model, same pairs.
     assert stage["reward_model/accuracy"] == pytest.approx(metrics["reward_model/accuracy"])
@@ -62,8 +62,8 @@ def test_reward_model_is_accurate_on_held_out_pairs(demo_repro, metrics) -> None
     assert metrics["reward_model/accuracy"] <= metrics["reward_model/noise_ceiling"] + 0.05
 
 
-def test_reward_model_prefers_the_answer_on_the_topic(demo_repro) -> None:
-    model, tokenizer = reward.load_reward_model(demo_repro.clone / "artifacts/reward/model")
+def test_reward_model_prefers_the_answer_on_the_topic(demo_run) -> None:
+    model, tokenizer = reward.load_reward_model(demo_run.clone / "artifacts/reward/model")
     prompts, good, off_topic = (list(column) for column in zip(*OFF_TOPIC, strict=True))
     good_scores = reward.score(model, tokenizer, prompts, good)
     off_scores = reward.score(model, tokenizer, prompts, off_topic)
@@ -73,8 +73,8 @@ def test_reward_model_prefers_the_answer_on_the_topic(demo_repro) -> None:
     )
 
 
-def test_policy_beats_sft_by_the_gold_judge_within_the_kl_budget(demo_repro, metrics) -> None:
-    params = yaml.safe_load((demo_repro.clone / "params.yaml").read_text())
+def test_policy_beats_sft_by_the_gold_judge_within_the_kl_budget(demo_run, metrics) -> None:
+    params = yaml.safe_load((demo_run.clone / "params.yaml").read_text())
     assert params["policy"]["algorithm"] == "ppo"
     print({k: v for k, v in metrics.items() if k.split("/")[0] in ("gold", "policy", "sft")})
     assert metrics["gold/win_rate_vs_sft"] >= MIN_GOLD_WIN_RATE, metrics

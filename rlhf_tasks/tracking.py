@@ -1,0 +1,348 @@
+"""MLflow tracking: one run per stage, nested under one run per pipeline run, lineage on each.
+
+Every run carries the same lineage tags, so any model version can be walked back to the data,
+code and parameters that made it:
+
+    rlhf.git_commit, rlhf.git_dirty   the code (also as MLflow's own mlflow.source.git.commit)
+    rlhf.data_md5                     the data version: the md5 in data.dvc
+    rlhf.dvc_remote                   where DVC stores that version (the default remote's URL)
+    rlhf.params_hash                  sha256 of the whole resolved params (all sections)
+    rlhf.prefect_flow_run_id          when Prefect runs the pipeline
+    rlhf.upstream.<stage>             the run id of each upstream stage whose outputs it read
+
+A stage's run also holds the params of the sections it reads (as dvc.yaml lists them, flattened
+as ``section.key``), its datasets as MLflow inputs (digest = the DVC md5, context train or eval),
+its final metrics, the small files it wrote (metrics.json, reports, plots), and for ``reward``
+and ``policy`` the model, logged with MLflow's transformers flavor. TRL's trainers log their
+per-step metrics into the stage's run (``report_to="mlflow"``); PPO logs one step per update.
+
+Where a stage's run is recorded: ``artifacts/mlflow_runs/<stage>.json`` (run id, model id,
+store), which is how later stages find their upstream runs (outside every DVC output, so the
+record never changes what ``dvc status`` sees). The store is ``MLFLOW_TRACKING_URI`` when set,
+else ``sqlite:///mlflow.db`` in the project directory with artifacts in ``mlruns/``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rlhf_tasks.config import Params
+
+ARTIFACTS = Path("artifacts")
+RUNS_DIR = ARTIFACTS / "mlflow_runs"
+# Stage outputs logged as MLflow models, with the transformers pipeline task they serve.
+MODEL_TASKS = {"policy": "text-generation", "reward": "text-classification"}
+# Files a stage writes next to its outputs that are worth keeping with the run.
+_LOGGED_SUFFIXES = {".json", ".jsonl", ".md", ".png"}
+
+# Privacy by default: MLflow's usage telemetry stays off unless the user turns it on.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+
+def tracking_uri() -> str:
+    """``MLFLOW_TRACKING_URI``, else the embedded store: ``mlflow.db`` in the project directory."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlflow.db').resolve()}"
+
+
+def configure(params: Params) -> None:
+    """Point MLflow at the store and the experiment of ``params.tracking``."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri())
+    mlflow.set_experiment(params.tracking.experiment)
+
+
+def active() -> bool:
+    """Whether an MLflow run is active in this process (the stage is being tracked)."""
+    mlflow = sys.modules.get("mlflow")
+    return mlflow is not None and mlflow.active_run() is not None
+
+
+def log_step(metrics: dict[str, Any], step: int) -> None:
+    """Log a training step's numeric metrics to the active run, if there is one."""
+    if active():
+        import mlflow
+
+        numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
+        mlflow.log_metrics(numeric, step=step, synchronous=False)
+
+
+# -- lineage ---------------------------------------------------------------------------------
+
+
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], capture_output=True, text=True, check=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip()
+
+
+def data_version(params: Params) -> tuple[str, str]:
+    """(md5, DVC remote URL) of the data directory, from ``<data.dir>.dvc`` and the DVC config;
+    ``untracked`` / ``none`` when there is no such file or remote."""
+    dvc_file = Path(f"{params.data.dir}.dvc")
+    md5 = "untracked"
+    if dvc_file.exists():
+        outs = (yaml.safe_load(dvc_file.read_text()) or {}).get("outs") or [{}]
+        md5 = str(outs[0].get("md5", "untracked"))
+    remote = "none"
+    with contextlib.suppress(Exception):  # no DVC repository here: no remote to name
+        from dvc.config import Config
+
+        config = Config.from_cwd(validate=False)
+        name = config["core"].get("remote")
+        if name:
+            url = config["remote"][name]["url"]
+            if "://" not in url and not Path(url).is_absolute():  # relative to .dvc/
+                url = str((Path(".dvc") / url).resolve())
+            remote = f"{name}: {url}"
+    return md5, remote
+
+
+def params_hash(params: Params) -> str:
+    canonical = json.dumps(params.model_dump(mode="json", by_alias=True), sort_keys=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def lineage(params: Params) -> dict[str, str]:
+    """The lineage tags every run carries (see the module docstring)."""
+    commit = _git("rev-parse", "HEAD") or "unknown"
+    status = _git("status", "--porcelain")
+    md5, remote = data_version(params)
+    tags = {
+        "rlhf.git_commit": commit,
+        "rlhf.git_dirty": "unknown" if status is None else str(bool(status)).lower(),
+        "rlhf.data_md5": md5,
+        "rlhf.dvc_remote": remote,
+        "rlhf.params_hash": params_hash(params),
+        "mlflow.source.git.commit": commit,
+    }
+    if "prefect" in sys.modules:  # only a Prefect flow has a flow run; importing it costs seconds
+        from prefect.runtime import flow_run
+
+        if flow_run.id:
+            tags["rlhf.prefect_flow_run_id"] = str(flow_run.id)
+    return tags
+
+
+# -- what dvc.yaml says about a stage ------------------------------------------------------------
+
+
+def _dvc_stage(name: str) -> dict[str, Any]:
+    path = Path("dvc.yaml")
+    stages = (yaml.safe_load(path.read_text()) or {}).get("stages", {}) if path.exists() else {}
+    return stages.get(name, {})
+
+
+def stage_sections(name: str) -> list[str]:
+    """The params sections a stage reads (its ``params`` in dvc.yaml)."""
+    return [p for p in _dvc_stage(name).get("params", []) if isinstance(p, str)]
+
+
+def upstream_stages(name: str) -> list[str]:
+    """The stages whose outputs ``name`` reads (its ``artifacts/<stage>/...`` deps in dvc.yaml)."""
+    found = []
+    for dep in _dvc_stage(name).get("deps", []):
+        parts = Path(dep).parts
+        if len(parts) > 1 and parts[0] == ARTIFACTS.name and parts[1] not in found:
+            found.append(parts[1])
+    return found
+
+
+def stage_inputs(name: str) -> list[str]:
+    """The validated data files a stage reads (``artifacts/validate/data/<name>.jsonl`` deps)."""
+    prefix = (ARTIFACTS / "validate" / "data").parts
+    return [
+        Path(dep).stem for dep in _dvc_stage(name).get("deps", []) if Path(dep).parts[:3] == prefix
+    ]
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, str]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": "1"}`` (lists stay whole, as their JSON)."""
+    if isinstance(tree, dict):
+        flat: dict[str, str] = {}
+        for key, value in tree.items():
+            flat.update(flatten(value, f"{prefix}{key}."))
+        return flat
+    value = json.dumps(tree) if isinstance(tree, list | None) else str(tree)
+    return {prefix.rstrip("."): value}
+
+
+def recorded_run(stage: str) -> dict[str, Any] | None:
+    """What ``artifacts/mlflow_runs/<stage>.json`` says about the run that made its outputs."""
+    path = RUNS_DIR / f"{stage}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+# -- runs --------------------------------------------------------------------------------------
+
+
+def _start(run_name: str, tags: dict[str, str], parent_run_id: str | None) -> Any:
+    import mlflow
+
+    nested = mlflow.active_run() is not None
+    return mlflow.start_run(
+        run_name=run_name, nested=nested, parent_run_id=parent_run_id, tags=tags
+    )
+
+
+@contextlib.contextmanager
+def pipeline_run(params: Params, params_file: str | Path | None = None) -> Iterator[Any]:
+    """The parent run of one pipeline run: lineage tags, every param, the params file."""
+    import mlflow
+
+    configure(params)
+    tags = {**lineage(params), "rlhf.stage": "pipeline"}
+    with _start("rlhf_pipeline", tags, None) as run:
+        mlflow.log_params(flatten(params.model_dump(mode="json", by_alias=True)))
+        if params_file and Path(params_file).exists():
+            mlflow.log_artifact(str(params_file))
+        yield run
+
+
+def _log_inputs(name: str, params: Params) -> None:
+    import mlflow
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.data.sources import LocalArtifactDatasetSource
+
+    md5, _ = data_version(params)
+    datasets, contexts = [], []
+    roles = stage_inputs(name)
+    if name == "validate":  # the gate reads every data set
+        roles = [role for role in type(params.data).model_fields if role != "dir"]
+    for role in roles:
+        original = getattr(params.data, role, None)  # the DVC-tracked file it was validated from
+        source = LocalArtifactDatasetSource(str(Path(original or f"data/{role}").resolve()))
+        datasets.append(MetaDataset(source, name=role, digest=md5[:36]))
+        contexts.append("eval" if "heldout" in role else "train")
+    for dataset, context in zip(datasets, contexts, strict=True):
+        mlflow.log_input(dataset, context=context)
+
+
+def _log_files(stage_dir: Path, since: float) -> None:
+    """Log the small files the stage wrote during this run (not models, data or checkpoints)."""
+    import mlflow
+
+    if not stage_dir.is_dir() or (stage_dir / "config.json").exists():  # a model directory
+        return
+    for path in sorted(stage_dir.iterdir()):
+        fresh = path.is_file() and path.stat().st_mtime >= since
+        if fresh and path.suffix in _LOGGED_SUFFIXES:
+            mlflow.log_artifact(str(path))
+
+
+def log_model(stage: str, model_dir: Path, trust_remote_code: bool = False) -> str:
+    """Log the model in ``model_dir`` to the active run with MLflow's transformers flavor; return
+    the logged model's id (what ``promote`` registers).
+
+    MLflow 3.17 can log a checkpoint directory without loading it, but that path breaks on
+    transformers 5 (it expects the pipeline class where transformers now gives its name), so
+    the model is loaded on the CPU and saved by the flavor: one more copy of the weights.
+    """
+    import mlflow
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from rlhf_tasks.training import load_tokenizer
+
+    auto = AutoModelForCausalLM if stage == "policy" else AutoModelForSequenceClassification
+    components = {
+        "model": auto.from_pretrained(model_dir, trust_remote_code=trust_remote_code),
+        "tokenizer": load_tokenizer(str(model_dir), trust_remote_code, f"{stage} model"),
+    }
+    info = mlflow.transformers.log_model(
+        components,
+        name=stage,
+        task=MODEL_TASKS[stage],
+        model_card=_model_card(stage, model_dir),  # given: MLflow then asks no hub for one
+        pip_requirements=_requirements(),
+    )
+    return info.model_id
+
+
+def _model_card(stage: str, model_dir: Path) -> Any:
+    from huggingface_hub import ModelCard
+
+    # The license is the base model's and the data's, which the pipeline cannot know.
+    return ModelCard(
+        "---\nlicense: unknown\nlibrary_name: transformers\n---\n"
+        f"# {stage} model\n\nTrained by the `{stage}` stage of the RLHF pipeline from "
+        f"`{model_dir}`. Its lineage (data md5, git commit, params) is on the MLflow run "
+        "and on the registered model version's tags: `rlhf lineage NAME/VERSION`.\n"
+    )
+
+
+def _requirements() -> list[str]:
+    from importlib.metadata import version
+
+    return [f"{pkg}=={version(pkg)}" for pkg in ("torch", "transformers", "accelerate")]
+
+
+def record_run(stage: str, **record: Any) -> None:
+    RUNS_DIR.mkdir(parents=True, exist_ok=True)
+    tmp = RUNS_DIR / f".{stage}.json.tmp"
+    tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    tmp.replace(RUNS_DIR / f"{stage}.json")
+
+
+@contextlib.contextmanager
+def stage_run(name: str, params: Params, parent_run_id: str | None = None) -> Iterator[dict]:
+    """Track one stage: yields a dict the caller fills with the stage's result.
+
+    On success the run gets the result's metrics, the stage's fresh files, its model (reward,
+    policy) and ``artifacts/mlflow_runs/<name>.json``. On failure the run ends FAILED with the
+    files the stage did write (a failed gate's report) and no model; the record keeps pointing
+    at the last run that succeeded.
+    """
+    import mlflow
+
+    configure(params)
+    started = time.time()
+    tags = {**lineage(params), "rlhf.stage": name}
+    upstream = {}
+    for stage in upstream_stages(name):
+        record = recorded_run(stage)
+        if record:
+            upstream[stage] = record["run_id"]
+            tags[f"rlhf.upstream.{stage}"] = record["run_id"]
+    tags["rlhf.upstream_runs"] = json.dumps(upstream, sort_keys=True)
+    stage_dir = ARTIFACTS / name
+    result: dict[str, Any] = {}
+    with _start(name, tags, parent_run_id) as run:
+        dump = params.model_dump(mode="json", by_alias=True)
+        mlflow.log_params(flatten({s: dump[s] for s in stage_sections(name) if s in dump}))
+        _log_inputs(name, params)
+        try:
+            yield result
+        finally:
+            _log_files(stage_dir, started)
+        mlflow.flush_async_logging()  # the trainers' per-step metrics, logged asynchronously
+        stepped = set(mlflow.get_run(run.info.run_id).data.metrics)
+        final = {  # a metric with a per-step history already ends with its final value
+            k: float(v)
+            for k, v in result.get("metrics", {}).items()
+            if isinstance(v, int | float) and k not in stepped
+        }
+        mlflow.log_metrics(final)
+        model_id = None
+        if name in MODEL_TASKS and "model" in result.get("outputs", {}):
+            model_dir = Path(result["outputs"]["model"])
+            model_id = log_model(name, model_dir, params.model.trust_remote_code)
+        record_run(
+            name,
+            run_id=run.info.run_id,
+            experiment_id=run.info.experiment_id,
+            tracking_uri=tracking_uri(),
+            model_id=model_id,
+        )

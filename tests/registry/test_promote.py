@@ -1,0 +1,252 @@
+"""Registration, the champion/challenger gate, and the registry commands, on a real MLflow store:
+the embedded sqlite default, and a real ``mlflow server`` on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from mlflow import MlflowClient
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from rlhf_tasks import promote, tracking
+from rlhf_tasks.config import load_params
+from rlhf_tasks.stages import run_stage
+
+POLICY, REWARD = "rlhf-demo-policy", "rlhf-demo-reward"
+DATA_MD5 = "0123456789abcdef0123456789abcdef.dir"
+# What evaluate wrote for a policy that beat SFT within every guard rail.
+GOOD = {
+    "judge/win_rate_vs_sft": 0.66,
+    "gold/win_rate_vs_sft": 0.66,
+    "policy/kl_to_sft": 2.0,
+    "policy/reward_mean": 2.5,
+    "reward_model/accuracy": 0.86,
+    "checks/kl_within_budget": 1.0,
+    "checks/no_degeneration": 1.0,
+}
+
+
+def _git(project: Path, *args: str) -> str:
+    return subprocess.run(
+        ["git", *args], cwd=project, check=True, capture_output=True, text=True
+    ).stdout.strip()
+
+
+@pytest.fixture
+def trained(project: Path, validated, base_model_dir: Path) -> Path:
+    """A project as the stages before promote leave it: a policy and a reward model (the tiny
+    base model), evaluate's metrics, a passed gate, data.dvc, and a git commit."""
+    validated()
+    shutil.copytree(base_model_dir, project / "artifacts/policy/model")
+    torch.manual_seed(0)
+    scorer = AutoModelForSequenceClassification.from_pretrained(base_model_dir, num_labels=1)
+    scorer.save_pretrained(reward_dir := project / "artifacts/reward/model")
+    AutoTokenizer.from_pretrained(base_model_dir).save_pretrained(reward_dir)
+    (project / "artifacts/policy/run.json").write_text('{"policy/algorithm": "ppo"}')
+    (project / "artifacts/validate/report.json").write_text('{"valid": true}')
+    evaluation(project, GOOD)
+    (project / "data.dvc").write_text(yaml.safe_dump({"outs": [{"md5": DATA_MD5, "path": "data"}]}))
+    (project / ".gitignore").write_text("artifacts/\ndata/\nmlflow.db\nmlruns/\n")
+    _git(project, "init", "-q")
+    _git(project, "add", "-A")
+    _git(project, "-c", "user.name=t", "-c", "user.email=t@e", "commit", "-qm", "x")
+    return project
+
+
+def evaluation(project: Path, metrics: dict[str, float]) -> None:
+    path = project / "artifacts/evaluate/metrics.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(metrics))
+
+
+def promote_stage(*overrides: str) -> dict:
+    run_stage("promote", load_params("params.yaml", list(overrides)))
+    return json.loads(Path("artifacts/promote/decision.json").read_text())
+
+
+def client() -> MlflowClient:
+    return MlflowClient(tracking_uri=tracking.tracking_uri())
+
+
+def test_first_model_is_judged_against_sft_and_becomes_champion(trained: Path) -> None:
+    decision = promote_stage()
+    assert decision["promoted"] and decision["baseline"] == "sft"
+    assert decision["version"] == 1 and decision["win_rate"] == pytest.approx(0.66)
+    c = client()
+    mv = c.get_model_version_by_alias(POLICY, "champion")
+    assert str(mv.version) == "1"
+    assert str(c.get_model_version_by_alias(POLICY, "challenger").version) == "1"
+    assert str(c.get_model_version_by_alias(REWARD, "champion").version) == "1"
+    tags = mv.tags
+    assert tags["rlhf.data_md5"] == DATA_MD5
+    assert tags["rlhf.git_commit"] == _git(trained, "rev-parse", "HEAD")
+    assert tags["rlhf.validation"] == "passed"
+    assert tags["rlhf.promotion"] == "champion"
+    assert tags["judge/win_rate_vs_sft"] == "0.6600" and tags["policy/kl_to_sft"] == "2.0000"
+    assert c.get_run(tags["rlhf.run.promote"]).data.tags["rlhf.stage"] == "promote"
+    assert json.loads(Path("artifacts/mlflow_runs/promote.json").read_text())["run_id"]
+
+
+def test_a_worse_challenger_is_rejected_with_its_reasons(trained: Path, rlhf) -> None:
+    promote_stage()
+    # The same policy again, now with a reward model below the floor and a blown KL budget:
+    # against the champion (itself) it only ties, and two guard rails fail.
+    evaluation(
+        trained,
+        {
+            **GOOD,
+            "reward_model/accuracy": 0.6,
+            "checks/kl_within_budget": 0.0,
+            "policy/kl_to_sft": 25.0,
+        },
+    )
+    decision = promote_stage()
+    assert not decision["promoted"] and decision["version"] == 2
+    assert decision["baseline"].endswith("version 1 (champion)")
+    assert decision["win_rate"] == pytest.approx(0.5)  # identical models: every sample ties
+    reasons = " | ".join(decision["reasons"])
+    assert "below promote.min_win_rate 0.55" in reasons
+    assert "accuracy 0.600 is below promote.min_reward_model_accuracy" in reasons
+    assert "kl_within_budget failed: KL to SFT 25.00 nats > evaluate.kl_budget" in reasons
+    c = client()
+    assert str(c.get_model_version_by_alias(POLICY, "champion").version) == "1"
+    assert str(c.get_model_version_by_alias(POLICY, "challenger").version) == "2"
+    assert c.get_model_version(POLICY, "2").tags["rlhf.promotion"] == "rejected"
+    code, out, _ = rlhf("models")
+    assert code == 0
+    assert "rejected" in out and "why: judge's win rate" in out, out
+
+
+def test_promote_by_hand_and_rollback(trained: Path, rlhf) -> None:
+    code, _, err = rlhf("rollback")
+    assert code == 1 and "nothing to roll back: rlhf-demo-policy has no champion" in err
+    promote_stage()
+    code, _, err = rlhf("rollback")
+    assert code == 1
+    assert "nothing to roll back to: version 1 is the only champion" in err
+    evaluation(trained, {**GOOD, "reward_model/accuracy": 0.5})
+    assert not promote_stage()["promoted"]
+    code, out, _ = rlhf("promote", "--version", "2")
+    assert code == 0 and "champion is now version 2 (was version 1); promoted by hand" in out
+    c = client()
+    assert str(c.get_model_version_by_alias(POLICY, "champion").version) == "2"
+    assert str(c.get_model_version_by_alias(REWARD, "champion").version) == "2"
+    assert c.get_model_version(POLICY, "2").tags["rlhf.promotion"] == "champion (manual)"
+    code, out, _ = rlhf("rollback")
+    assert code == 0 and "champion is now version 1 (rolled back from 2)" in out
+    assert str(c.get_model_version_by_alias(POLICY, "champion").version) == "1"
+    assert str(c.get_model_version_by_alias(REWARD, "champion").version) == "1"
+    assert c.get_model_version(POLICY, "2").tags["rlhf.promotion"] == "rolled back"
+    code, _, err = rlhf("rollback")
+    assert code == 1 and "nothing to roll back to" in err
+    code, _, err = rlhf("promote", "--version", "7")
+    assert code == 2 and "rlhf-demo-policy has no version 7" in err
+
+
+def test_a_failure_after_registering_leaves_the_registry_as_it_was(
+    trained: Path, monkeypatch
+) -> None:
+    promote_stage()
+
+    def broken_gate(*args, **kwargs):
+        raise RuntimeError("judge crashed")
+
+    monkeypatch.setattr(promote, "gate", broken_gate)
+    with pytest.raises(RuntimeError, match="judge crashed"):
+        promote_stage()
+    c = client()
+    assert [str(mv.version) for mv in c.search_model_versions(f"name = '{POLICY}'")] == ["1"]
+    assert [str(mv.version) for mv in c.search_model_versions(f"name = '{REWARD}'")] == ["1"]
+    assert str(c.get_model_version_by_alias(POLICY, "champion").version) == "1"
+    assert str(c.get_model_version_by_alias(POLICY, "challenger").version) == "1"
+    runs = c.search_runs(
+        [c.get_experiment_by_name("rlhf").experiment_id], "tags.`rlhf.stage` = 'promote'"
+    )
+    assert sorted(r.info.status for r in runs) == ["FAILED", "FINISHED"]
+
+
+def test_lineage_and_generate_from_the_champion(trained: Path, rlhf) -> None:
+    promote_stage()
+    code, out, _ = rlhf("lineage", f"{POLICY}@champion")
+    assert code == 0, out
+    assert f"data md5:       {DATA_MD5}" in out
+    assert _git(trained, "rev-parse", "HEAD") in out
+    assert "promote.min_win_rate = 0.55" in out  # params of the run that logged it
+    code, _, err = rlhf("lineage", f"{POLICY}@nope")
+    assert code == 2 and "has no version with alias 'nope'" in err
+    code, out, _ = rlhf("generate", "Tell me about dogs.")
+    assert code == 0 and out.strip()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory, monkeypatch):
+    """A real ``mlflow server`` on 127.0.0.1: sqlite backend, local artifact root."""
+    root = tmp_path_factory.mktemp("mlflow_server")
+    port = _free_port()
+    proc = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "mlflow"),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{root / 'mlflow.db'}",
+            "--artifacts-destination",
+            str(root / "artifacts"),
+            "--workers",
+            "1",
+        ],
+        stdout=(root / "server.log").open("w"),
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        import urllib.request
+
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/health", timeout=2)
+                break
+            except OSError:
+                assert proc.poll() is None, (root / "server.log").read_text()
+                assert time.monotonic() < deadline, "mlflow server did not start"
+                time.sleep(0.5)
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+        yield root
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_register_and_promote_against_an_mlflow_server(trained: Path, mlflow_server: Path, rlhf):
+    assert tracking.tracking_uri().startswith("http://127.0.0.1:")
+    decision = promote_stage()
+    assert decision["promoted"]
+    evaluation(trained, {**GOOD, "judge/win_rate_vs_sft": 0.9})
+    assert not promote_stage()["promoted"]  # ties with the champion
+    c = client()
+    assert str(c.get_model_version_by_alias(POLICY, "champion").version) == "1"
+    assert c.get_model_version(POLICY, "2").tags["rlhf.promotion"] == "rejected"
+    # Nothing went to the embedded store; the server's artifact root holds the models.
+    assert not (trained / "mlflow.db").exists()
+    assert any((mlflow_server / "artifacts").rglob("model.safetensors"))
+    code, out, _ = rlhf("lineage", f"{POLICY}/1")
+    assert code == 0 and DATA_MD5 in out
