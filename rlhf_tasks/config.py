@@ -277,6 +277,23 @@ class PromoteSection(_Section):
     ]
 
 
+class OrchestrationSection(_Section):
+    """How the Prefect flow runs the stages (not a stage; changing it re-runs nothing)."""
+
+    # Skip a stage whose inputs are unchanged and whose outputs are still its own (cache.py).
+    cache: bool = True
+    # Seconds a stage may run before Prefect fails it; a stage not listed has no limit.
+    timeouts: dict[str, float] = {}
+    # Retries of the stages that talk to services (MLflow, DVC), with exponential backoff.
+    retries: int = Field(2, ge=0)
+    retry_delay_s: float = Field(5.0, ge=0)  # the first delay; each next one doubles
+    # Prefect global concurrency limits: training stages hold a slot of `gpu_limit`, promotion
+    # the single slot of `promotion_limit` (created with these sizes if they do not exist).
+    gpu_limit: str = "gpu"
+    gpu_slots: int = Field(1, ge=1)
+    promotion_limit: str = "promotion"
+
+
 class Params(_Section):
     data: DataConfig = DataConfig()
     demo: DemoConfig = DemoConfig()
@@ -293,6 +310,7 @@ class Params(_Section):
     evaluate: EvaluateSection = EvaluateSection()
     promote: PromoteSection = PromoteSection()
     tracking: TrackingSection = TrackingSection()
+    orchestration: OrchestrationSection = OrchestrationSection()
 
     @property
     def validate_config(self) -> ValidateConfig:

@@ -90,7 +90,7 @@ def run(params: Params, out_dir: Path = DEFAULT_OUT) -> dict[str, Any]:
             out_dir=out_dir,
             run_id=run_id,
             trust_remote_code=params.model.trust_remote_code,
-            on_update=lambda row: tracking.log_step(row, step=int(row["update"])),
+            on_update=lambda row: _on_update(row, section.total_episodes),
         )
         metrics, resumed = result["metrics"], result["resumed_from_update"]
     else:
@@ -111,6 +111,11 @@ def run(params: Params, out_dir: Path = DEFAULT_OUT) -> dict[str, Any]:
         },
         "metrics": {**metrics, **timing},
     }
+
+
+def _on_update(row: dict[str, float], total_episodes: int) -> None:
+    tracking.log_step(row, step=int(row["update"]))
+    tracking.report_progress("policy", row["episode"] / total_episodes)
 
 
 def _train_trl(

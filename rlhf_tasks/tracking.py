@@ -346,3 +346,36 @@ def stage_run(name: str, params: Params, parent_run_id: str | None = None) -> It
             tracking_uri=tracking_uri(),
             model_id=model_id,
         )
+
+
+def note_cached(stage: str) -> None:
+    """On the active (pipeline) run: ``stage`` was not run, its outputs come from an earlier
+    run (``rlhf.cached.<stage>`` = that run's id)."""
+    import mlflow
+
+    record = recorded_run(stage) or {}
+    mlflow.set_tag(f"rlhf.cached.{stage}", record.get("run_id", "unknown"))
+
+
+_progress: dict[str, Any] = {}
+
+
+def report_progress(stage: str, fraction: float) -> None:
+    """A Prefect progress artifact for ``stage`` (0 to 100%), when it runs as a Prefect task."""
+    if "prefect" not in sys.modules:
+        return
+    from prefect.artifacts import create_progress_artifact, update_progress_artifact
+    from prefect.context import TaskRunContext
+
+    context = TaskRunContext.get()
+    if context is None:
+        return
+    percent = round(100 * min(max(fraction, 0.0), 1.0), 1)
+    run_key = f"{context.task_run.id}"
+    if _progress.get(stage, (None,))[0] != run_key:
+        artifact = create_progress_artifact(
+            progress=percent, key=f"{stage}-progress", description=f"{stage} training progress"
+        )
+        _progress[stage] = (run_key, artifact)
+    else:
+        update_progress_artifact(_progress[stage][1], percent)

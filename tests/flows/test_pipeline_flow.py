@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -92,3 +93,44 @@ def test_rlhf_run_stops_at_the_gate_with_exit_code_1(project: Path, rlhf) -> Non
     assert runs["validate"].info.status == runs["rlhf_pipeline"].info.status == "FAILED"
     assert [a.path for a in client.list_artifacts(runs["validate"].info.run_id)] == ["report.json"]
     assert client.search_registered_models() == []
+
+
+def _task_states(flow_state) -> dict[str, str]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    flow_run_id = flow_state.state_details.flow_run_id
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+        )
+    return {run.name: run.state.name for run in runs}
+
+
+def test_unchanged_stages_are_cached_across_runs(project: Path) -> None:
+    """Same inputs: every stage but promote is Cached. Changed ppo params: policy and the
+    stages after it run again. A deleted output: its stage runs again instead of crashing."""
+    first = rlhf_pipeline(params_path="params.yaml", overrides=FEW_STEPS, return_state=True)
+    assert first.is_completed(), first.message
+    assert set(_task_states(first).values()) == {"Completed"}
+
+    second = rlhf_pipeline(params_path="params.yaml", overrides=FEW_STEPS, return_state=True)
+    assert second.is_completed(), second.message
+    states = _task_states(second)
+    assert states == {name: "Cached" for name in STAGES} | {"promote": "Completed"}, states
+    assert second.result()["sft"] == first.result()["sft"]  # the previous result, reused
+
+    changed = [*FEW_STEPS, "ppo.ppo_epochs=2"]
+    third = rlhf_pipeline(params_path="params.yaml", overrides=changed, return_state=True)
+    assert third.is_completed(), third.message
+    states = _task_states(third)
+    ran = {name for name, state in states.items() if state == "Completed"}
+    assert ran == {"policy", "evaluate", "promote"}, states
+
+    shutil.rmtree(project / "artifacts/sft/model")  # an output the cache points at is gone
+    fourth = rlhf_pipeline(params_path="params.yaml", overrides=changed, return_state=True)
+    assert fourth.is_completed(), fourth.message
+    states = _task_states(fourth)
+    assert states["sft"] == "Completed" and (project / "artifacts/sft/model").exists()
+    # SFT is deterministic: the same model again, so the reward model's inputs are unchanged.
+    assert states["reward"] == "Cached", states
