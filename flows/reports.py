@@ -64,6 +64,8 @@ def evaluation_artifact(results: dict[str, Any], parent_run_id: str) -> None:
     if decision_path.exists():
         d = json.loads(decision_path.read_text())
         verdict = "**champion**" if d["promoted"] else "**rejected**"
+        if not d.get("new_version", True):
+            verdict += " (no new version: the training stages were cached)"
         lines += [
             "",
             "## Champion vs challenger",

@@ -247,6 +247,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     if decision.exists():
         d = json.loads(decision.read_text())
         verdict = "champion" if d["promoted"] else "rejected: " + "; ".join(d["reasons"])
+        if not d.get("new_version", True):
+            verdict = "no new version (cached stages made no new model); " + (
+                "it is the champion" if d["promoted"] else "it is not the champion"
+            )
         print(f"{d['model']} version {d['version']}: {verdict}")
     return 0
 

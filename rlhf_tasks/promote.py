@@ -276,6 +276,9 @@ def run(params: Params, out_dir: Path = DEFAULT_OUT) -> dict[str, Any]:
     """The ``promote`` stage: register, gate, record; return the decision and its metrics."""
     evaluation = _read(evaluate.DEFAULT_OUT / "metrics.json", "evaluate")
     client = _client()
+    existing = _already_registered(params, client)
+    if existing is not None:
+        return _unchanged(params, client, existing, out_dir)
     versions = register(params, client, evaluation)
     try:
         decision = gate(params, client, versions["policy"], evaluation)
@@ -284,6 +287,7 @@ def run(params: Params, out_dir: Path = DEFAULT_OUT) -> dict[str, Any]:
         unregister(client, params, versions, versions["previous_challenger"])
         raise
     decision["model"] = model_names(params)["policy"]
+    decision["new_version"] = True
     decision["reward_version"] = int(versions["reward"].version)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / "decision.json", decision)
@@ -299,7 +303,49 @@ def run(params: Params, out_dir: Path = DEFAULT_OUT) -> dict[str, Any]:
             "promote/promoted": float(decision["promoted"]),
             "promote/win_rate_vs_baseline": decision["win_rate"],
             "promote/policy_version": float(decision["version"]),
+            "promote/new_version": 1.0,
         },
+    }
+
+
+def _already_registered(params: Params, client: Any) -> Any | None:
+    """The policy version already registered from the policy stage's current run, if any: a
+    pipeline run whose policy stage was cached made no new model, so there is nothing to add."""
+    record = tracking.recorded_run("policy") or {}
+    if not record.get("run_id"):
+        return None
+    name = model_names(params)["policy"]
+    found = client.search_model_versions(f"name = '{name}' and run_id = '{record['run_id']}'")
+    return max(found, key=lambda mv: int(mv.version)) if found else None
+
+
+def _unchanged(params: Params, client: Any, version: Any, out_dir: Path) -> dict[str, Any]:
+    name = model_names(params)["policy"]
+    champion = alias_version(client, name, CHAMPION)
+    is_champion = champion is not None and str(champion.version) == str(version.version)
+    decision = {
+        "model": name,
+        "version": int(version.version),
+        "new_version": False,
+        "promoted": is_champion,
+        "baseline": version.tags.get("rlhf.baseline", "?"),
+        "win_rate": float(version.tags.get("rlhf.win_rate_vs_baseline", "nan")),
+        "reasons": [],
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(out_dir / "decision.json", decision)
+    role = (
+        "the champion"
+        if is_champion
+        else f"not the champion ({version.tags.get('rlhf.promotion', '?')})"
+    )
+    print(
+        f"{name} version {version.version} is already this run's policy (its stages were "
+        f"cached): nothing new to register; it is {role}"
+    )
+    return {
+        "outputs": {"decision": str(out_dir / "decision.json")},
+        "metrics": {"promote/promoted": float(is_champion), "promote/new_version": 0.0},
     }
 
 

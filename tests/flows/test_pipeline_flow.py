@@ -119,6 +119,10 @@ def test_unchanged_stages_are_cached_across_runs(project: Path) -> None:
     states = _task_states(second)
     assert states == {name: "Cached" for name in STAGES} | {"promote": "Completed"}, states
     assert second.result()["sft"] == first.result()["sft"]  # the previous result, reused
+    # A cached policy is no new model: promote registers nothing, it says which version it is.
+    assert second.result()["promote"]["metrics"]["promote/new_version"] == 0
+    client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+    assert len(client.search_model_versions("name = 'rlhf-demo-policy'")) == 1
 
     changed = [*FEW_STEPS, "ppo.ppo_epochs=2"]
     third = rlhf_pipeline(params_path="params.yaml", overrides=changed, return_state=True)
@@ -126,6 +130,7 @@ def test_unchanged_stages_are_cached_across_runs(project: Path) -> None:
     states = _task_states(third)
     ran = {name for name, state in states.items() if state == "Completed"}
     assert ran == {"policy", "evaluate", "promote"}, states
+    assert len(client.search_model_versions("name = 'rlhf-demo-policy'")) == 2
 
     shutil.rmtree(project / "artifacts/sft/model")  # an output the cache points at is gone
     fourth = rlhf_pipeline(params_path="params.yaml", overrides=changed, return_state=True)
