@@ -19,12 +19,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from rlhf_tasks import demo, policy, reward, sft, validate
 from rlhf_tasks.config import EvaluateSection, Params
 from rlhf_tasks.errors import ConfigError
-from rlhf_tasks.ppo import sequence_logprobs
 from rlhf_tasks.training import load_tokenizer, prompt_messages, read_jsonl, write_json
 
 DEFAULT_OUT = Path("artifacts/evaluate")
@@ -44,36 +41,41 @@ def _chat(tokenizer: Any, prompt: str, response: str | None = None) -> str:
     )
 
 
-@torch.no_grad()
 def generate(model: Any, tokenizer: Any, prompts: list[str], cfg: EvaluateSection) -> list[str]:
     """Sample one response per prompt, seeded: two models sample from the same random stream."""
+    import torch
+
     torch.manual_seed(cfg.seed)
     tokenizer.padding_side = "left"
     texts: list[str] = []
     for i in range(0, len(prompts), cfg.batch_size):
         chats = [_chat(tokenizer, p) for p in prompts[i : i + cfg.batch_size]]
         enc = tokenizer(chats, add_special_tokens=False, padding=True, return_tensors="pt")
-        out = model.generate(
-            **enc,
-            max_new_tokens=cfg.max_new_tokens,
-            do_sample=True,
-            temperature=cfg.temperature,
-            top_k=0,
-            top_p=1.0,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
+        with torch.no_grad():
+            out = model.generate(
+                **enc,
+                max_new_tokens=cfg.max_new_tokens,
+                do_sample=True,
+                temperature=cfg.temperature,
+                top_k=0,
+                top_p=1.0,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
         texts.extend(
             tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
         )
     return [t.strip() for t in texts]
 
 
-@torch.no_grad()
 def sequence_kl(
     policy: Any, other: Any, tokenizer: Any, prompts: list[str], responses: list[str], temp: float
 ) -> float:
     """Mean over samples of sum_t (log p_policy - log p_other) on the policy's own samples."""
+    import torch
+
+    from rlhf_tasks.ppo import sequence_logprobs
+
     tokenizer.padding_side = "left"
     total = 0.0
     for prompt, response in zip(prompts, responses, strict=True):
@@ -81,8 +83,9 @@ def sequence_kl(
         full = tokenizer(_chat(tokenizer, prompt, response), add_special_tokens=False)["input_ids"]
         ids = torch.tensor([full])
         mask = torch.ones_like(ids)
-        a = sequence_logprobs(policy, ids, mask, len(query), temp)
-        b = sequence_logprobs(other, ids, mask, len(query), temp)
+        with torch.no_grad():
+            a = sequence_logprobs(policy, ids, mask, len(query), temp)
+            b = sequence_logprobs(other, ids, mask, len(query), temp)
         total += (a - b).sum().item()
     return total / max(len(prompts), 1)
 

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from rlhf_tasks import ppo, reward, sft, tracking, validate
+from rlhf_tasks import reward, sft, tracking, validate
 from rlhf_tasks.config import Params
 from rlhf_tasks.errors import ConfigError
 from rlhf_tasks.training import (
@@ -82,6 +82,8 @@ def run(params: Params, out_dir: Path = DEFAULT_OUT) -> dict[str, Any]:
         model=params.model.model_dump(),
     )
     if algorithm == "ppo":
+        from rlhf_tasks import ppo  # torch: imported when a stage trains, not with the stage list
+
         result = ppo.train(
             section,
             policy=policy,
