@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
+from prefect.client.orchestration import get_client
 from prefect.testing.utilities import prefect_test_harness
 
 from flows.pipeline import rlhf_pipeline
@@ -50,6 +51,14 @@ def test_flow_runs_every_stage_in_order(project: Path) -> None:
     assert (project / "artifacts/evaluate/report.md").exists()
     # promote registered this run's models, and decided (two steps of training rarely win).
     assert results["promote"]["metrics"]["promote/policy_version"] == 1
+    # Prefect artifacts: the evaluation report and PPO's progress; the concurrency limits.
+    report = _artifacts(state, "evaluation-report")[-1].data
+    assert "Champion vs challenger" in report and "rlhf-demo-policy version 1" in report
+    assert "## Sample generations" in report and "## MLflow runs" in report
+    assert _artifacts(state, "policy-progress")[-1].data == 100.0
+    with get_client(sync_client=True) as client:
+        assert client.read_global_concurrency_limit_by_name("gpu").limit == 1
+        assert client.read_global_concurrency_limit_by_name("promotion").limit == 1
 
 
 def test_failed_gate_fails_the_flow_and_writes_no_data(project: Path) -> None:
@@ -60,6 +69,8 @@ def test_failed_gate_fails_the_flow_and_writes_no_data(project: Path) -> None:
     assert "validation gate failed" in state.message or "validation gate failed" in str(
         state.result(raise_on_failure=False)
     )
+    report = _artifacts(state, "validation-report")[-1].data
+    assert "| preferences_train | parseable |" in report and "train.jsonl:" in report
     assert (project / "artifacts/validate/report.json").exists()
     assert not (project / "artifacts/validate/data").exists()
 
@@ -95,8 +106,20 @@ def test_rlhf_run_stops_at_the_gate_with_exit_code_1(project: Path, rlhf) -> Non
     assert client.search_registered_models() == []
 
 
+def _artifacts(flow_state, key: str) -> list:
+    """The artifacts with ``key`` that the flow run of ``flow_state`` created."""
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                flow_run_id=ArtifactFilterFlowRunId(any_=[flow_state.state_details.flow_run_id])
+            )
+        )
+    return sorted((a for a in found if a.key == key), key=lambda a: a.created)
+
+
 def _task_states(flow_state) -> dict[str, str]:
-    from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
     flow_run_id = flow_state.state_details.flow_run_id
