@@ -4,6 +4,7 @@
     rlhf data demo [--check] [--force]             write the demo data set into data/
     rlhf stage NAME                                run one stage as dvc.yaml calls it
     rlhf run                                       every stage in order (the Prefect flow)
+    rlhf ingest BATCH [--retrain]                  validate a batch and add it to data/ (DVC)
     rlhf metrics                                   the key metrics of the last run, as a table
     rlhf models                                    registered versions, aliases, decisions
     rlhf promote --version N                       make policy version N the champion by hand
@@ -88,6 +89,15 @@ def _parser() -> argparse.ArgumentParser:
     _common(p)
 
     p = sub.add_parser("metrics", help="the key metrics of the last run (artifacts/), as a table")
+    _common(p)
+
+    p = sub.add_parser("ingest", help="validate a batch of preference pairs and add it to data/")
+    p.add_argument("batch", help="a file of preference pairs (.jsonl, .json, .csv, .parquet)")
+    p.add_argument("--no-commit", action="store_true", help="do not git commit data.dvc")
+    p.add_argument("--no-push", action="store_true", help="do not dvc push")
+    p.add_argument(
+        "--retrain", action="store_true", help="then trigger the rlhf-retrain deployment"
+    )
     _common(p)
 
     p = sub.add_parser("models", help="registered model versions, aliases and decisions")
@@ -255,6 +265,27 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from flows.ingest import rlhf_ingest
+
+    state = rlhf_ingest(
+        args.batch,
+        params_path=args.params,
+        overrides=args.overrides,
+        commit=not args.no_commit,
+        push=not args.no_push,
+        retrain=args.retrain,
+        return_state=True,
+    )
+    if not state.is_completed():
+        failure = state.result(raise_on_failure=False)
+        if isinstance(failure, UserError):
+            raise failure
+        print(f"rlhf: ingestion failed: {state.message}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_registry(args: argparse.Namespace, params: Params) -> int:
     from rlhf_tasks import promote, registry
 
@@ -283,6 +314,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_data_demo(args, params)
         if args.command == "run":
             return cmd_run(args)
+        if args.command == "ingest":
+            return cmd_ingest(args)
         if args.command == "metrics":
             print(metrics_table())
             return 0

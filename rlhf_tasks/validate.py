@@ -459,8 +459,9 @@ def validate(
     cfg = params.validate_config
     if paths:
         sources = {"input": Source(tuple(paths), None)}
-        if heldout:
-            sources["heldout"] = Source(tuple(heldout), None, heldout=True)
+        # One data set per held-out file: they may be of different kinds (pairs, prompts).
+        for i, path in enumerate(heldout or []):
+            sources["heldout" if i == 0 else f"heldout_{i + 1}"] = Source((path,), None, True)
     else:
         sources = default_sources(params)
     datasets = {name: load(src.paths, kind=src.kind) for name, src in sources.items()}

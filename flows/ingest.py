@@ -1,0 +1,60 @@
+"""Prefect flow ``rlhf_ingest``: a new batch of preference pairs into the versioned data.
+
+Each task is a thin step of ``rlhf_tasks/ingest.py``: check (the validation gate on the batch
+and on the training set it would make), merge and version (append the new rows, ``dvc add``,
+git commit ``data.dvc``), push (``dvc push``, retried), and optionally trigger the
+``rlhf-retrain`` deployment. A batch that fails the gate fails the flow with the validation
+report as an artifact, and ``data/`` and ``data.dvc`` are left exactly as they were.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, task
+
+from flows import reports
+from rlhf_tasks import ingest
+from rlhf_tasks.config import DEFAULT_PARAMS, load_params
+
+RETRAIN_DEPLOYMENT = "rlhf_pipeline/rlhf-retrain"
+
+
+@flow(name="rlhf_ingest")
+def rlhf_ingest(
+    batch: str,
+    params_path: str = str(DEFAULT_PARAMS),
+    overrides: list[str] | None = None,
+    commit: bool = True,
+    push: bool = True,
+    retrain: bool = False,
+) -> dict[str, Any]:
+    params = load_params(params_path, overrides or [])
+    state = task(ingest.check, name="check", log_prints=False)(params, batch, return_state=True)
+    if state.is_failed():
+        for part in ("batch", "merged"):
+            reports.validation_artifact(ingest.DEFAULT_OUT / part / "report.json")
+    checked = state.result()
+    result = task(ingest.merge_and_version, name="merge_and_version")(params, checked, commit)
+    result.update(rows=checked["rows"], duplicates=checked["duplicates"])
+    if push and result["added"]:
+        push_task = task(ingest.push, name="push", retries=3, retry_delay_seconds=[5, 10, 20])
+        result["pushed"] = push_task(params)
+    if retrain and result["added"]:
+        from prefect.deployments import run_deployment
+
+        run = run_deployment(RETRAIN_DEPLOYMENT, timeout=0)  # queued; a worker picks it up
+        result["retrain_flow_run"] = str(run.id)
+    print(
+        f"ingested {batch}: {result['added']} new pair(s), {result['duplicates']} already in the "
+        f"data; data.dvc md5 {result['md5']}"
+        + (", committed" if result.get("committed") else "")
+        + (f", {result['pushed']} file(s) pushed" if "pushed" in result else "")
+    )
+    return result
+
+
+if __name__ == "__main__":
+    import sys
+
+    rlhf_ingest(sys.argv[1])
