@@ -83,6 +83,7 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("stage", help="run one pipeline stage (what dvc.yaml calls)")
     p.add_argument("name", choices=list(STAGES))
+    p.add_argument("--result-file", help=argparse.SUPPRESS)  # for rlhf_tasks.launch
     _common(p)
 
     p = sub.add_parser("run", help="run every stage in order, as the Prefect flow rlhf_pipeline")
@@ -196,7 +197,14 @@ def cmd_data_demo(args: argparse.Namespace, params: Params) -> int:
 
 
 def cmd_stage(args: argparse.Namespace, params: Params) -> int:
-    result = run_stage(args.name, params)
+    from rlhf_tasks import launch
+
+    # Under `accelerate launch` from a tracked pipeline: nest under its run (launch.py).
+    result = run_stage(args.name, params, os.environ.get(launch.PARENT_RUN_ENV) or None)
+    if launch.inside() and not launch.is_main():
+        return 0
+    if args.result_file:
+        Path(args.result_file).write_text(json.dumps(result))
     print(f"stage {args.name}: {json.dumps(result['outputs'])}")
     return 0
 

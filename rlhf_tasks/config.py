@@ -145,6 +145,13 @@ class LoraSection(_Section):
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
 
 
+class ResourcesSection(_Section):
+    """How a training stage runs: ``num_processes > 1`` launches it under ``accelerate launch``
+    (DDP: one process per GPU, or gloo processes on a CPU), each with its share of the data."""
+
+    num_processes: int = Field(1, ge=1)
+
+
 class SftSection(_Section):
     """Stage ``sft``: supervised fine-tuning with TRL's SFTTrainer.
 
@@ -157,6 +164,7 @@ class SftSection(_Section):
     seed: int = 42
     args: dict[str, Any] = {}
     lora: LoraSection = LoraSection()
+    resources: ResourcesSection = ResourcesSection()
 
 
 class RewardSection(_Section):
@@ -174,6 +182,7 @@ class RewardSection(_Section):
     eval_batch_size: int = Field(64, ge=1)
     args: dict[str, Any] = {}
     lora: LoraSection = LoraSection()
+    resources: ResourcesSection = ResourcesSection()
 
 
 class PolicySection(_Section):
@@ -215,6 +224,7 @@ class PpoSection(_Section):
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     # With LoRA the reference model is the policy with its adapter disabled (no second copy).
     lora: LoraSection = LoraSection()
+    resources: ResourcesSection = ResourcesSection()
 
     @model_validator(mode="after")
     def _batches_divide(self) -> PpoSection:
@@ -233,6 +243,7 @@ class TrlPolicySection(_Section):
     seed: int = 42
     args: dict[str, Any] = {}
     lora: LoraSection = LoraSection()
+    resources: ResourcesSection = ResourcesSection()
 
 
 class EvaluateSection(_Section):

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from rlhf_tasks import reward, sft, tracking, validate
+from rlhf_tasks import launch, reward, sft, tracking, validate
 from rlhf_tasks.config import Params
 from rlhf_tasks.errors import ConfigError
 from rlhf_tasks.training import (
@@ -95,16 +95,19 @@ def run(params: Params, out_dir: Path = DEFAULT_OUT) -> dict[str, Any]:
             on_update=lambda row: _on_update(row, section.total_episodes),
         )
         metrics, resumed = result["metrics"], result["resumed_from_update"]
+        processes = result["num_processes"]
     else:
-        metrics, resumed = _train_trl(
+        metrics, resumed, processes = _train_trl(
             params, algorithm, policy, reward_model, data, out_dir, run_id
         )
     timing = {
         "policy/algorithm": algorithm,
         "policy/train_runtime_s": round(time.perf_counter() - started, 2),
         "policy/resumed_from": resumed,
+        "policy/num_processes": processes,
     }
-    write_json(out_dir / "run.json", timing)
+    if launch.is_main():  # one writer when several processes train
+        write_json(out_dir / "run.json", timing)
     return {
         "outputs": {
             "model": str(out_dir / "model"),
@@ -128,7 +131,7 @@ def _train_trl(
     data: Path,
     out_dir: Path,
     run_id: str,
-) -> tuple[dict[str, float], int]:
+) -> tuple[dict[str, float], int, int]:
     """RLOO, GRPO or DPO through TRL, from the SFT model; saves a plain model directory."""
     import trl
     from datasets import Dataset
@@ -186,4 +189,4 @@ def _train_trl(
             fh.writelines(json.dumps(row) + "\n" for row in history)
         write_json(out_dir / "metrics.json", metrics)
     remove_checkpoints(trainer, out_dir / "checkpoints")
-    return metrics, resumed_step(resume)
+    return metrics, resumed_step(resume), trainer.accelerator.num_processes

@@ -229,6 +229,18 @@ def token_scores(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tens
     return model.score(hidden).squeeze(-1).float()
 
 
+class ValueModel(torch.nn.Module):
+    """The value model as a module whose forward is ``token_scores``, so that under DDP every
+    call goes through the DDP wrapper (which synchronises the gradients)."""
+
+    def __init__(self, model: Any) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return token_scores(self.model, input_ids, attention_mask)
+
+
 def _load_prompts(path: Path, tokenizer: Any) -> list[list[int]]:
     """Prompts rendered with the chat template's generation prompt, as token ids."""
     prompts = [json.loads(line)["prompt"] for line in path.open(encoding="utf-8") if line.strip()]
@@ -271,6 +283,11 @@ class _State:
     value_sched: Any
     kl_ctl: KLController
 
+    def _plain(self, name: str) -> Any:
+        """The model without its DDP and ValueModel wrappers (the checkpoint's format)."""
+        model = self.accelerator.unwrap_model(getattr(self, name))
+        return model.model if isinstance(model, ValueModel) else model
+
     def save(self, path: Path, history: list[dict], keep: int) -> None:
         """Weights, optimizers, schedulers, KL coefficient and the metrics so far, written to a
         temporary directory renamed into place: a checkpoint is complete or absent. (The RNG
@@ -281,8 +298,7 @@ class _State:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         for name in ("policy", "value_model"):
-            model = self.accelerator.unwrap_model(getattr(self, name))
-            save_model(model, str(tmp / f"{name}.safetensors"))  # LoRA or not, tied or not
+            save_model(self._plain(name), str(tmp / f"{name}.safetensors"))  # LoRA, tied or not
         torch.save(
             {
                 "policy_opt": self.policy_opt.state_dict(),
@@ -305,8 +321,7 @@ class _State:
         from safetensors.torch import load_model
 
         for name in ("policy", "value_model"):
-            model = self.accelerator.unwrap_model(getattr(self, name))
-            load_model(model, str(path / f"{name}.safetensors"))
+            load_model(self._plain(name), str(path / f"{name}.safetensors"))
         state = torch.load(path / "state.pt", weights_only=True)
         for name in ("policy_opt", "value_opt", "policy_sched", "value_sched", "kl_ctl"):
             getattr(self, name).load_state_dict(state[name])
@@ -363,6 +378,7 @@ def train(
         for module in model.modules():  # PPO's ratios need deterministic forward passes
             if isinstance(module, torch.nn.Dropout):
                 module.p = 0.0
+    critic = ValueModel(critic)
 
     n_updates = max(1, cfg.total_episodes // cfg.rollout_batch_size)
     trainable = [p for p in policy_model.parameters() if p.requires_grad]
@@ -450,7 +466,7 @@ def train(
                 policy_model, sequences, attention, context_len, cfg.temperature
             )
             ref_logprobs = reference_logprobs(sequences, attention, context_len)
-            values = token_scores(critic, sequences, attention)[:, context_len - 1 : -1]
+            values = critic(sequences, attention)[:, context_len - 1 : -1]
             last = context_len - 1 + mask.sum(1)  # position of each sequence's last real token
             scores = token_scores(scorer, sequences, attention)[torch.arange(len(last)), last]
             has_eos = (responses == eos_id).any(1)
@@ -474,7 +490,7 @@ def train(
                     policy_model, seq, att, context_len, cfg.temperature
                 )
                 pg = policy_loss(new_logprobs, logprobs[idx], advantages[idx], m, cfg.cliprange)
-                new_values = token_scores(critic, seq, att)[:, context_len - 1 : -1]
+                new_values = critic(seq, att)[:, context_len - 1 : -1]
                 vf, vclip = value_loss(
                     new_values, values[idx], returns[idx], m, cfg.cliprange_value
                 )
@@ -550,6 +566,7 @@ def train(
         "outputs": {"model": str(model_dir), "history": str(out_dir / "history.jsonl")},
         "metrics": metrics,
         "resumed_from_update": resumed_from,
+        "num_processes": accelerator.num_processes,
     }
 
 

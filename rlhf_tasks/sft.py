@@ -118,6 +118,7 @@ def run(params: Params, out_dir: Path = DEFAULT_OUT) -> dict[str, Any]:
         "sft/train_runtime_s": round(result.metrics["train_runtime"], 2),
         "sft/train_samples_per_second": round(result.metrics["train_samples_per_second"], 2),
         "sft/resumed_from_step": resumed_step(resume),
+        "sft/num_processes": trainer.accelerator.num_processes,
     }
     if trainer.is_world_process_zero():
         write_json(out_dir / "metrics.json", metrics)

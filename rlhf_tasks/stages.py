@@ -14,7 +14,17 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from rlhf_tasks import base_model, evaluate, policy, promote, reward, sft, tracking, validate
+from rlhf_tasks import (
+    base_model,
+    evaluate,
+    launch,
+    policy,
+    promote,
+    reward,
+    sft,
+    tracking,
+    validate,
+)
 from rlhf_tasks.config import Params
 
 StageFn = Callable[[Params], dict[str, Any]]
@@ -31,7 +41,13 @@ STAGES: dict[str, StageFn] = {
 
 
 def run_stage(name: str, params: Params, parent_run_id: str | None = None) -> dict[str, Any]:
-    """Run stage ``name`` as an MLflow run (nested under ``parent_run_id`` when given)."""
+    """Run stage ``name`` as an MLflow run (nested under ``parent_run_id`` when given); under
+    ``accelerate launch`` when its section asks for several processes (``launch.py``)."""
+    processes = launch.num_processes(name, params)
+    if processes > 1 and not launch.inside():
+        return launch.run(name, params, processes, parent_run_id)
+    if launch.inside() and not launch.is_main():
+        return STAGES[name](params)  # the main process tracks the stage
     with tracking.stage_run(name, params, parent_run_id) as result:
         result.update(STAGES[name](params))
     return result
