@@ -26,7 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from demo_copy import demo_copy
+
 BIN = Path(sys.executable).parent
 
 
@@ -83,14 +84,8 @@ def main() -> None:
         print(f"{os.cpu_count()} CPUs")
         for mode in modes:
             work = (args.keep or Path(tmp)) / f"demo-{mode}"
-            files = subprocess.run(
-                ["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, text=True, check=True
-            ).stdout.split("\0")
-            for rel in (f for f in files if f and (ROOT / f).is_file()):
-                (work / rel).parent.mkdir(parents=True, exist_ok=True)
-                (work / rel).write_bytes((ROOT / rel).read_bytes())
-            env = {**base_env, "PYTHONPATH": str(work)}
-            subprocess.run([BIN / "rlhf", "data", "demo"], cwd=work, env=env, check=True)
+            env = dict(base_env)
+            demo_copy(work, env)
             server = None
             if mode == "server":
                 server, url = _prefect_server(env, Path(tmp) / "prefect-home")

@@ -20,7 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from demo_copy import demo_copy
+
 BIN = Path(sys.executable).parent
 TRAINING = ("sft", "reward", "policy")
 
@@ -37,14 +38,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         work = args.keep or Path(tmp) / "demo"
-        files = subprocess.run(
-            ["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, text=True, check=True
-        ).stdout.split("\0")
-        for rel in (f for f in files if f and (ROOT / f).is_file()):
-            (work / rel).parent.mkdir(parents=True, exist_ok=True)
-            (work / rel).write_bytes((ROOT / rel).read_bytes())
-        env["PYTHONPATH"] = str(work)
-        subprocess.run([BIN / "rlhf", "data", "demo"], cwd=work, env=env, check=True)
+        demo_copy(work, env)
 
         import torch
 

@@ -28,6 +28,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from rlhf_tasks.config import DEFAULT_PARAMS, Params, load_params
 from rlhf_tasks.errors import ConfigError, DataError, UserError
@@ -250,15 +251,23 @@ def metrics_table(artifacts: Path = Path("artifacts")) -> str:
     return "\n".join(["key metrics (artifacts/*/metrics.json):", *lines])
 
 
+def _failed(state: Any, what: str) -> bool:
+    """A flow run's final state: a user's mistake is raised (its message and exit code), any
+    other failure printed; True if the run failed."""
+    if state.is_completed():
+        return False
+    failure = state.result(raise_on_failure=False)
+    if isinstance(failure, UserError):
+        raise failure
+    print(f"rlhf: {what} failed: {state.message}", file=sys.stderr)
+    return True
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from flows.pipeline import rlhf_pipeline
 
     state = rlhf_pipeline(params_path=args.params, overrides=args.overrides, return_state=True)
-    if not state.is_completed():
-        failure = state.result(raise_on_failure=False)
-        if isinstance(failure, UserError):
-            raise failure
-        print(f"rlhf: pipeline failed: {state.message}", file=sys.stderr)
+    if _failed(state, "pipeline"):
         return 1
     print(metrics_table())
     decision = Path("artifacts/promote/decision.json")
@@ -285,13 +294,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         retrain=args.retrain,
         return_state=True,
     )
-    if not state.is_completed():
-        failure = state.result(raise_on_failure=False)
-        if isinstance(failure, UserError):
-            raise failure
-        print(f"rlhf: ingestion failed: {state.message}", file=sys.stderr)
-        return 1
-    return 0
+    return 1 if _failed(state, "ingestion") else 0
 
 
 def cmd_registry(args: argparse.Namespace, params: Params) -> int:

@@ -63,3 +63,17 @@ def fresh_clone(dest: Path) -> Path:
     sh("git", "commit", "-q", "-m", "fresh clone", cwd=dest)
     assert not (dest / "data").exists(), "data/ must come from the generator, not from git"
     return dest
+
+
+# The training stages for a few steps, for tests of wiring (flows, deployments), not training.
+FEW_STEPS = [
+    "sft.args.max_steps=2",
+    "reward.args.max_steps=2",
+    "ppo.total_episodes=16",
+    "ppo.rollout_batch_size=8",
+    "ppo.mini_batch_size=8",
+    "ppo.ppo_epochs=1",
+    "ppo.response_length=8",
+    "evaluate.samples_per_prompt=1",
+    "evaluate.max_new_tokens=8",
+]

@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from helpers import FEW_STEPS
 from mlflow import MlflowClient
 from prefect.client.orchestration import get_client
 from prefect.testing.utilities import prefect_test_harness
@@ -15,17 +16,6 @@ from flows.pipeline import rlhf_pipeline
 from rlhf_tasks.stages import STAGES
 
 pytestmark = pytest.mark.slow
-
-# The training stages for a few steps: the flow's order and wiring are under test, not training.
-FEW_STEPS = [f"{stage}.args.max_steps=2" for stage in ("sft", "reward")] + [
-    "ppo.total_episodes=16",
-    "ppo.rollout_batch_size=8",
-    "ppo.mini_batch_size=8",
-    "ppo.ppo_epochs=1",
-    "ppo.response_length=8",
-    "evaluate.samples_per_prompt=1",
-    "evaluate.max_new_tokens=8",
-]
 
 
 @pytest.fixture(scope="module", autouse=True)

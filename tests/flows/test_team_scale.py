@@ -18,22 +18,14 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import BIN, env, fresh_clone
+from helpers import BIN, FEW_STEPS, env, fresh_clone
 from mlflow import MlflowClient
 
 pytestmark = pytest.mark.slow
 
 PG = {"host": "127.0.0.1", "port": 5432, "user": os.environ.get("RLHF_TEST_PGUSER", "postgres")}
 TINY = [
-    "sft.args.max_steps=2",
-    "reward.args.max_steps=2",
-    "ppo.total_episodes=16",
-    "ppo.rollout_batch_size=8",
-    "ppo.mini_batch_size=8",
-    "ppo.ppo_epochs=1",
-    "ppo.response_length=8",
-    "evaluate.samples_per_prompt=1",
-    "evaluate.max_new_tokens=8",
+    *FEW_STEPS,
     # Two steps of training: what is under test is the deployment, not the model's quality.
     "promote.min_win_rate=0",
     "promote.min_reward_model_accuracy=0",
