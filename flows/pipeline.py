@@ -58,15 +58,31 @@ def _stage_task(name: str, params: Params, cache_key: str, reuse: bool, storage:
     )
 
 
+def _server_api() -> bool:
+    """Whether the flow talks to a Prefect server (``PREFECT_API_URL``) rather than to the
+    ephemeral API. Only a server's services revoke the slot lease of a run that was killed; on
+    the ephemeral API that slot would stay taken for good, so there (one user, one machine, the
+    embedded default) the concurrency limits are not used."""
+    from prefect.settings import PREFECT_API_URL
+
+    return bool(PREFECT_API_URL.value())
+
+
 def _run_with_slots(name: str, params: Params, parent_run_id: str) -> dict[str, Any]:
     orch = params.orchestration
     limit = (
         orch.gpu_limit if name in TRAINING else orch.promotion_limit if name == "promote" else None
     )
-    if limit is None:
+    if limit is None or not _server_api():
         return run_stage(name, params, parent_run_id)
-    with concurrency(limit, occupy=1, strict=True):
-        return run_stage(name, params, parent_run_id)
+    try:
+        with concurrency(limit, occupy=1, strict=True, timeout_seconds=orch.slot_timeout_s):
+            return run_stage(name, params, parent_run_id)
+    except TimeoutError:
+        raise RuntimeError(
+            f"stage {name} waited {orch.slot_timeout_s:.0f} s for a slot of the concurrency limit "
+            f"{limit!r}; see who holds it with `prefect gcl inspect {limit}`"
+        ) from None
 
 
 def _result_storage() -> str:
@@ -103,7 +119,8 @@ def rlhf_pipeline(
     unknown = set(params.orchestration.timeouts) - set(STAGES)
     if unknown:
         raise ConfigError(f"orchestration.timeouts: no such stage(s): {', '.join(sorted(unknown))}")
-    _ensure_limits(params)
+    if _server_api():
+        _ensure_limits(params)
     storage = _result_storage()
     results: dict[str, Any] = {}
     with tracking.pipeline_run(params, params_path) as parent:

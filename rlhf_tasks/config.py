@@ -303,6 +303,9 @@ class OrchestrationSection(_Section):
     gpu_limit: str = "gpu"
     gpu_slots: int = Field(1, ge=1)
     promotion_limit: str = "promotion"
+    # How long a stage waits for its slot before it fails (seconds). The limits apply against a
+    # Prefect server; on the ephemeral API (one machine, `rlhf run`) they are not used.
+    slot_timeout_s: float = Field(21600, gt=0)
 
 
 class Params(_Section):
