@@ -14,24 +14,27 @@
 
 Every command takes ``--params FILE`` and DVC-style overrides ``-S section.key=value``.
 Exit codes: 0 success (valid data), 1 invalid data or nothing to do (rollback), 2 usage or
-configuration error.
+configuration error, 3 another `rlhf run` or `rlhf ingest` is running in this project.
 A user mistake prints one message, never a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import filecmp
 import json
 import os
 import shutil
 import sys
 import tempfile
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from rlhf_tasks.config import DEFAULT_PARAMS, Params, load_params
-from rlhf_tasks.errors import ConfigError, DataError, UserError
+from rlhf_tasks.errors import BusyError, ConfigError, DataError, UserError
 from rlhf_tasks.stages import STAGES, run_stage
 
 # Privacy by default: no analytics from the libraries this tool drives.
@@ -251,6 +254,38 @@ def metrics_table(artifacts: Path = Path("artifacts")) -> str:
     return "\n".join(["key metrics (artifacts/*/metrics.json):", *lines])
 
 
+LOCK = Path("artifacts/.run.lock")
+
+
+@contextlib.contextmanager
+def project_lock(command: str) -> Iterator[None]:
+    """One ``rlhf run`` or ``rlhf ingest`` at a time per project: a second one is refused at once
+    (BusyError) rather than racing on artifacts/, data/ and the registry's aliases. The lock is
+    the OS's (flock), so a killed run never leaves it behind."""
+    import fcntl
+
+    LOCK.parent.mkdir(parents=True, exist_ok=True)
+    with LOCK.open("a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            raise BusyError(
+                f"{holder} is running in this project ({LOCK}); wait for it to finish, or run "
+                "from another checkout"
+            ) from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"`rlhf {command}` (pid {os.getpid()}, started {time.strftime('%H:%M:%S')})")
+        fh.flush()
+        try:
+            yield
+        finally:
+            fh.seek(0)
+            fh.truncate()
+
+
 def _failed(state: Any, what: str) -> bool:
     """A flow run's final state: a user's mistake is raised (its message and exit code), any
     other failure printed; True if the run failed."""
@@ -266,7 +301,8 @@ def _failed(state: Any, what: str) -> bool:
 def cmd_run(args: argparse.Namespace) -> int:
     from flows.pipeline import rlhf_pipeline
 
-    state = rlhf_pipeline(params_path=args.params, overrides=args.overrides, return_state=True)
+    with project_lock("run"):
+        state = rlhf_pipeline(params_path=args.params, overrides=args.overrides, return_state=True)
     if _failed(state, "pipeline"):
         return 1
     print(metrics_table())
@@ -285,15 +321,18 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_ingest(args: argparse.Namespace) -> int:
     from flows.ingest import rlhf_ingest
 
-    state = rlhf_ingest(
-        args.batch,
-        params_path=args.params,
-        overrides=args.overrides,
-        commit=not args.no_commit,
-        push=not args.no_push,
-        retrain=args.retrain,
-        return_state=True,
-    )
+    with project_lock("ingest"):
+        if not Path(args.batch).is_file():
+            raise ConfigError(f"{args.batch}: no such file")
+        state = rlhf_ingest(
+            args.batch,
+            params_path=args.params,
+            overrides=args.overrides,
+            commit=not args.no_commit,
+            push=not args.no_push,
+            retrain=args.retrain,
+            return_state=True,
+        )
     return 1 if _failed(state, "ingestion") else 0
 
 

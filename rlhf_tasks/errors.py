@@ -17,3 +17,9 @@ class DataError(UserError):
     """Input data that cannot be used (exit code 1, as for data that fails validation)."""
 
     exit_code = 1
+
+
+class BusyError(UserError):
+    """Another run holds the project (exit code 3): ``rlhf run`` and ``rlhf ingest`` take turns."""
+
+    exit_code = 3
