@@ -28,6 +28,7 @@ from prefect.concurrency.sync import concurrency
 from prefect.filesystems import LocalFileSystem
 
 from flows import reports
+from flows.api import server_api
 from rlhf_tasks import cache, tracking
 from rlhf_tasks.config import DEFAULT_PARAMS, Params, load_params
 from rlhf_tasks.errors import ConfigError
@@ -58,22 +59,12 @@ def _stage_task(name: str, params: Params, cache_key: str, reuse: bool, storage:
     )
 
 
-def _server_api() -> bool:
-    """Whether the flow talks to a Prefect server (``PREFECT_API_URL``) rather than to the
-    ephemeral API. Only a server's services revoke the slot lease of a run that was killed; on
-    the ephemeral API that slot would stay taken for good, so there (one user, one machine, the
-    embedded default) the concurrency limits are not used."""
-    from prefect.settings import PREFECT_API_URL
-
-    return bool(PREFECT_API_URL.value())
-
-
 def _run_with_slots(name: str, params: Params, parent_run_id: str) -> dict[str, Any]:
     orch = params.orchestration
     limit = (
         orch.gpu_limit if name in TRAINING else orch.promotion_limit if name == "promote" else None
     )
-    if limit is None or not _server_api():
+    if limit is None or not server_api():
         return run_stage(name, params, parent_run_id)
     try:
         with concurrency(limit, occupy=1, strict=True, timeout_seconds=orch.slot_timeout_s):
@@ -119,7 +110,7 @@ def rlhf_pipeline(
     unknown = set(params.orchestration.timeouts) - set(STAGES)
     if unknown:
         raise ConfigError(f"orchestration.timeouts: no such stage(s): {', '.join(sorted(unknown))}")
-    if _server_api():
+    if server_api():
         _ensure_limits(params)
     storage = _result_storage()
     results: dict[str, Any] = {}

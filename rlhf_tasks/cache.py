@@ -48,7 +48,7 @@ def digest(path: Path) -> str | None:
 
 
 def _outs(name: str) -> list[str]:
-    stage = tracking._dvc_stage(name)
+    stage = tracking.dvc_stage(name)
     paths = []
     for key in ("outs", "metrics"):
         for entry in stage.get(key, []):
@@ -58,7 +58,7 @@ def _outs(name: str) -> list[str]:
 
 def key(name: str, params: Params) -> str:
     """The stage's cache key (see the module docstring)."""
-    stage = tracking._dvc_stage(name)
+    stage = tracking.dvc_stage(name)
     dump = params.model_dump(mode="json", by_alias=True)
     h = hashlib.sha256(name.encode())
     for section in tracking.stage_sections(name):

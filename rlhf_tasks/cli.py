@@ -33,6 +33,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from rlhf_tasks import tracking
 from rlhf_tasks.config import DEFAULT_PARAMS, Params, load_params
 from rlhf_tasks.errors import BusyError, ConfigError, DataError, UserError
 from rlhf_tasks.stages import STAGES, run_stage
@@ -298,10 +299,15 @@ def _failed(state: Any, what: str) -> bool:
     return True
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    from flows.pipeline import rlhf_pipeline
+def cmd_run(args: argparse.Namespace, params: Params) -> int:
+    from flows.api import temporary_api
 
-    with project_lock("run"):
+    with project_lock("run"), temporary_api() as api:
+        from flows.pipeline import rlhf_pipeline
+
+        tracking.configure(params)  # opens (and, the first time, creates) the MLflow store
+        if api is not None:
+            api.wait()
         state = rlhf_pipeline(params_path=args.params, overrides=args.overrides, return_state=True)
     if _failed(state, "pipeline"):
         return 1
@@ -319,20 +325,25 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
-    from flows.ingest import rlhf_ingest
+    from flows.api import temporary_api
 
     with project_lock("ingest"):
         if not Path(args.batch).is_file():
             raise ConfigError(f"{args.batch}: no such file")
-        state = rlhf_ingest(
-            args.batch,
-            params_path=args.params,
-            overrides=args.overrides,
-            commit=not args.no_commit,
-            push=not args.no_push,
-            retrain=args.retrain,
-            return_state=True,
-        )
+        with temporary_api() as api:
+            from flows.ingest import rlhf_ingest
+
+            if api is not None:
+                api.wait()
+            state = rlhf_ingest(
+                args.batch,
+                params_path=args.params,
+                overrides=args.overrides,
+                commit=not args.no_commit,
+                push=not args.no_push,
+                retrain=args.retrain,
+                return_state=True,
+            )
     return 1 if _failed(state, "ingestion") else 0
 
 
@@ -363,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "data":
             return cmd_data_demo(args, params)
         if args.command == "run":
-            return cmd_run(args)
+            return cmd_run(args, params)
         if args.command == "ingest":
             return cmd_ingest(args)
         if args.command == "metrics":

@@ -25,6 +25,7 @@ else ``sqlite:///mlflow.db`` in the project directory with artifacts in ``mlruns
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -140,21 +141,27 @@ def lineage(params: Params) -> dict[str, str]:
 # -- what dvc.yaml says about a stage ------------------------------------------------------------
 
 
-def _dvc_stage(name: str) -> dict[str, Any]:
-    path = Path("dvc.yaml")
-    stages = (yaml.safe_load(path.read_text()) or {}).get("stages", {}) if path.exists() else {}
-    return stages.get(name, {})
+@functools.lru_cache(maxsize=4)
+def _dvc_stages(path: Path, mtime_ns: int) -> dict[str, Any]:
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml: ten times faster
+    return (yaml.load(path.read_text(), Loader=loader) or {}).get("stages", {})
+
+
+def dvc_stage(name: str) -> dict[str, Any]:
+    """dvc.yaml's entry for a stage (parsed once per version of the file)."""
+    path = Path("dvc.yaml").resolve()
+    return _dvc_stages(path, path.stat().st_mtime_ns).get(name, {}) if path.exists() else {}
 
 
 def stage_sections(name: str) -> list[str]:
     """The params sections a stage reads (its ``params`` in dvc.yaml)."""
-    return [p for p in _dvc_stage(name).get("params", []) if isinstance(p, str)]
+    return [p for p in dvc_stage(name).get("params", []) if isinstance(p, str)]
 
 
 def upstream_stages(name: str) -> list[str]:
     """The stages whose outputs ``name`` reads (its ``artifacts/<stage>/...`` deps in dvc.yaml)."""
     found = []
-    for dep in _dvc_stage(name).get("deps", []):
+    for dep in dvc_stage(name).get("deps", []):
         parts = Path(dep).parts
         if len(parts) > 1 and parts[0] == ARTIFACTS.name and parts[1] not in found:
             found.append(parts[1])
@@ -165,7 +172,7 @@ def stage_inputs(name: str) -> list[str]:
     """The validated data files a stage reads (``artifacts/validate/data/<name>.jsonl`` deps)."""
     prefix = (ARTIFACTS / "validate" / "data").parts
     return [
-        Path(dep).stem for dep in _dvc_stage(name).get("deps", []) if Path(dep).parts[:3] == prefix
+        Path(dep).stem for dep in dvc_stage(name).get("deps", []) if Path(dep).parts[:3] == prefix
     ]
 
 
