@@ -96,15 +96,18 @@ def run(params: Params, out_dir: Path = DEFAULT_OUT) -> dict[str, Any]:
         )
         metrics, resumed = result["metrics"], result["resumed_from_update"]
         processes = result["num_processes"]
+        profile = {f"ppo/time/{k}": round(v, 3) for k, v in result["timing"].items()}
     else:
         metrics, resumed, processes = _train_trl(
             params, algorithm, policy, reward_model, data, out_dir, run_id
         )
+        profile = {}
     timing = {
         "policy/algorithm": algorithm,
         "policy/train_runtime_s": round(time.perf_counter() - started, 2),
         "policy/resumed_from": resumed,
         "policy/num_processes": processes,
+        **profile,  # PPO: episodes per second, and where the time went
     }
     if launch.is_main():  # one writer when several processes train
         write_json(out_dir / "run.json", timing)

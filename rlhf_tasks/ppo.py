@@ -21,9 +21,11 @@ natural logs of the sampled tokens, shape (B, T).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -347,10 +349,12 @@ def train(
     inputs; see ``training.claim_checkpoints``). Writes the policy to ``out_dir/model`` (a plain
     model directory; a LoRA adapter is merged), the per-update metrics to
     ``out_dir/history.jsonl`` and the final metrics to ``out_dir/metrics.json``. The main
-    process calls ``on_update(row)`` with each update's metrics (row["update"] is the step)."""
+    process calls ``on_update(row)`` with each update's metrics (row["update"] is the step).
+    The result's ``timing`` says where this process's time went (``PhaseClock.report``)."""
     from accelerate import Accelerator
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+    started = time.perf_counter()
     accelerator = Accelerator(
         mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available()
     )
@@ -427,6 +431,8 @@ def train(
     mine = slice(
         accelerator.process_index * per_process, (accelerator.process_index + 1) * per_process
     )
+    clock = PhaseClock(device)
+    loop_start = time.perf_counter()
     progress = tqdm(
         range(start, n_updates),
         desc="ppo",
@@ -443,7 +449,7 @@ def train(
 
         # 1. Rollout: sample, cut after the first EOS, score.
         policy_model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), clock("generation"):
             generated = accelerator.unwrap_model(policy_model).generate(
                 input_ids=queries,
                 attention_mask=query_mask,
@@ -460,6 +466,7 @@ def train(
                 responses, (0, cfg.response_length - responses.shape[1]), value=pad_id
             )
             responses, mask = truncate_after_eos(responses, eos_id, pad_id)
+        with torch.no_grad(), clock("scoring"):
             sequences = torch.cat([queries, responses], dim=1)  # (B, context_len + T)
             attention = torch.cat([query_mask, mask], dim=1)
             logprobs = sequence_logprobs(
@@ -479,36 +486,39 @@ def train(
             advantages = masked_whiten(advantages, mask)
 
         # 3. PPO epochs over shuffled minibatches.
-        policy_model.train()
-        critic.train()
-        stats: dict[str, list[float]] = {k: [] for k in ("pg", "vf", "approxkl", "clip", "vclip")}
-        stats["ratio"] = []
-        for _ in range(cfg.ppo_epochs):
-            for idx in torch.randperm(len(batch)).split(cfg.mini_batch_size):
-                seq, att, m = sequences[idx], attention[idx], mask[idx]
-                new_logprobs = sequence_logprobs(
-                    policy_model, seq, att, context_len, cfg.temperature
-                )
-                pg = policy_loss(new_logprobs, logprobs[idx], advantages[idx], m, cfg.cliprange)
-                new_values = critic(seq, att)[:, context_len - 1 : -1]
-                vf, vclip = value_loss(
-                    new_values, values[idx], returns[idx], m, cfg.cliprange_value
-                )
-                accelerator.backward(pg.loss + cfg.vf_coef * vf)
-                accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm)
-                accelerator.clip_grad_norm_(critic.parameters(), cfg.max_grad_norm)
-                policy_opt.step()
-                value_opt.step()
-                policy_opt.zero_grad()
-                value_opt.zero_grad()
-                for key, value in zip(
-                    ("pg", "vf", "approxkl", "clip", "vclip", "ratio"),
-                    (pg.loss, vf, pg.approxkl, pg.clipfrac, vclip, pg.ratio),
-                    strict=True,
-                ):
-                    stats[key].append(value.item())
-        policy_sched.step()
-        value_sched.step()
+        with clock("optimisation"):
+            policy_model.train()
+            critic.train()
+            stats: dict[str, list[float]] = {
+                k: [] for k in ("pg", "vf", "approxkl", "clip", "vclip")
+            }
+            stats["ratio"] = []
+            for _ in range(cfg.ppo_epochs):
+                for idx in torch.randperm(len(batch)).split(cfg.mini_batch_size):
+                    seq, att, m = sequences[idx], attention[idx], mask[idx]
+                    new_logprobs = sequence_logprobs(
+                        policy_model, seq, att, context_len, cfg.temperature
+                    )
+                    pg = policy_loss(new_logprobs, logprobs[idx], advantages[idx], m, cfg.cliprange)
+                    new_values = critic(seq, att)[:, context_len - 1 : -1]
+                    vf, vclip = value_loss(
+                        new_values, values[idx], returns[idx], m, cfg.cliprange_value
+                    )
+                    accelerator.backward(pg.loss + cfg.vf_coef * vf)
+                    accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm)
+                    accelerator.clip_grad_norm_(critic.parameters(), cfg.max_grad_norm)
+                    policy_opt.step()
+                    value_opt.step()
+                    policy_opt.zero_grad()
+                    value_opt.zero_grad()
+                    for key, value in zip(
+                        ("pg", "vf", "approxkl", "clip", "vclip", "ratio"),
+                        (pg.loss, vf, pg.approxkl, pg.clipfrac, vclip, pg.ratio),
+                        strict=True,
+                    ):
+                        stats[key].append(value.item())
+            policy_sched.step()
+            value_sched.step()
 
         # 4. Metrics under TRL's names, the KL controller, a checkpoint now and then.
         mean_kl = kl.sum(1).mean().item()
@@ -548,6 +558,11 @@ def train(
             )
         accelerator.wait_for_everyone()
 
+    timing = clock.report(
+        (n_updates - start) * cfg.rollout_batch_size,
+        setup_s=loop_start - started,
+        loop_s=time.perf_counter() - loop_start,
+    )
     model_dir = out_dir / "model"
     final = history[-1] if history else {}
     metrics = {k: v for k, v in final.items() if "/" in k}
@@ -567,7 +582,40 @@ def train(
         "metrics": metrics,
         "resumed_from_update": resumed_from,
         "num_processes": accelerator.num_processes,
+        "timing": timing,
     }
+
+
+class PhaseClock:
+    """Wall seconds spent in each phase of the updates (``with clock("generation"): ...``). On a
+    GPU each phase waits for its kernels before it stops the clock, so the figures add up."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.seconds: dict[str, float] = {}
+        self.cuda = device.type == "cuda"
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.cuda:
+                torch.cuda.synchronize()
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
+
+    def report(self, episodes: int, setup_s: float, loop_s: float) -> dict[str, float]:
+        """Episodes per second of the update loop, and where its time went (``other``:
+        metrics, checkpoints, the progress bar)."""
+        phases = {f"{k}_s": v for k, v in self.seconds.items()}
+        return {
+            "episodes": episodes,
+            "episodes_per_s": episodes / loop_s if loop_s else 0.0,
+            "setup_s": setup_s,  # loading the models, the prompts, a checkpoint
+            "loop_s": loop_s,
+            **phases,
+            "other_s": max(loop_s - sum(self.seconds.values()), 0.0),
+        }
 
 
 def _mean(values: list[float]) -> float:
