@@ -207,14 +207,22 @@ def sequence_logprobs(
 
     Logits are divided by the sampling temperature, so that they are the log-probs the tokens
     were sampled with (Huang et al., 2024, detail 8).
+
+    Only the positions that predict response tokens go through the LM head
+    (``logits_to_keep``): the prompt's logits are never computed. The log-softmax is taken only
+    at the sampled tokens (their logit minus the log-sum-exp), not over the whole vocabulary.
     """
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # left padding of the prompt
-    logits = model(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
-    ).logits
-    logits = logits[:, context_len - 1 : -1].float() / temp  # position t predicts token t + 1
     responses = input_ids[:, context_len:]
-    return torch.gather(logits.log_softmax(-1), 2, responses.unsqueeze(-1)).squeeze(-1)
+    logits = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        logits_to_keep=responses.shape[1] + 1,  # positions context_len - 1 ... end
+    ).logits
+    logits = logits[:, :-1].float() / temp  # position t predicts token t + 1
+    chosen = torch.gather(logits, 2, responses.unsqueeze(-1)).squeeze(-1)
+    return chosen - logits.logsumexp(-1)
 
 
 def token_scores(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -243,7 +251,7 @@ class ValueModel(torch.nn.Module):
         return token_scores(self.model, input_ids, attention_mask)
 
 
-def _load_prompts(path: Path, tokenizer: Any) -> list[list[int]]:
+def load_prompts(path: Path, tokenizer: Any) -> list[list[int]]:
     """Prompts rendered with the chat template's generation prompt, as token ids."""
     prompts = [json.loads(line)["prompt"] for line in path.open(encoding="utf-8") if line.strip()]
     texts = [
@@ -386,8 +394,11 @@ def train(
 
     n_updates = max(1, cfg.total_episodes // cfg.rollout_batch_size)
     trainable = [p for p in policy_model.parameters() if p.requires_grad]
-    policy_opt = torch.optim.AdamW(trainable, lr=cfg.learning_rate, eps=1e-5)
-    value_opt = torch.optim.AdamW(critic.parameters(), lr=cfg.value_learning_rate, eps=1e-5)
+    # foreach: one kernel per step for all tensors (PyTorch picks it on CUDA only by default).
+    policy_opt = torch.optim.AdamW(trainable, lr=cfg.learning_rate, eps=1e-5, foreach=True)
+    value_opt = torch.optim.AdamW(
+        critic.parameters(), lr=cfg.value_learning_rate, eps=1e-5, foreach=True
+    )
     # Linear decay to 0 over the run, one scheduler step per update.
     policy_sched = torch.optim.lr_scheduler.LambdaLR(policy_opt, lambda u: 1 - u / n_updates)
     value_sched = torch.optim.lr_scheduler.LambdaLR(value_opt, lambda u: 1 - u / n_updates)
@@ -414,7 +425,7 @@ def train(
                 policy_model, sequences, attention, context_len, cfg.temperature
             )
 
-    prompt_ids = _load_prompts(Path(prompts), tokenizer)
+    prompt_ids = load_prompts(Path(prompts), tokenizer)
     start, history = 0, []
     if accelerator.is_main_process:  # checkpoints of another run are removed, not resumed
         claim_checkpoints(out_dir / "checkpoints", run_id)
