@@ -364,11 +364,14 @@ def note_cached(stage: str) -> None:
     mlflow.set_tag(f"rlhf.cached.{stage}", record.get("run_id", "unknown"))
 
 
-_progress: dict[str, Any] = {}
+_progress: dict[str, Any] = {}  # stage -> (task run id, artifact id, last update time)
+PROGRESS_EVERY_S = 10.0
 
 
 def report_progress(stage: str, fraction: float) -> None:
-    """A Prefect progress artifact for ``stage`` (0 to 100%), when it runs as a Prefect task."""
+    """A Prefect progress artifact for ``stage`` (0 to 100%), when it runs as a Prefect task.
+    Updated at most every ``PROGRESS_EVERY_S`` seconds, and at 100%: each update is a call to
+    the Prefect API, and the server's work competes with training for the CPU."""
     if "prefect" not in sys.modules:
         return
     from prefect.artifacts import create_progress_artifact, update_progress_artifact
@@ -379,10 +382,12 @@ def report_progress(stage: str, fraction: float) -> None:
         return
     percent = round(100 * min(max(fraction, 0.0), 1.0), 1)
     run_key = f"{context.task_run.id}"
+    now = time.monotonic()
     if _progress.get(stage, (None,))[0] != run_key:
         artifact = create_progress_artifact(
             progress=percent, key=f"{stage}-progress", description=f"{stage} training progress"
         )
-        _progress[stage] = (run_key, artifact)
-    else:
+        _progress[stage] = (run_key, artifact, now)
+    elif percent >= 100 or now - _progress[stage][2] >= PROGRESS_EVERY_S:
         update_progress_artifact(_progress[stage][1], percent)
+        _progress[stage] = (run_key, _progress[stage][1], now)
