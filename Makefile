@@ -20,7 +20,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 # The machine's pip config may list local indexes that do not exist; their warnings are noise.
 PIP_QUIET := 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
 
-.PHONY: setup demo test test-fast lint format lock clean
+.PHONY: setup demo test test-fast bench lint format lock clean
 
 setup: $(STAMP)
 
@@ -48,6 +48,15 @@ test: setup
 # Unit and data tests only (no DVC, no model building).
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# Every figure of bench/RESULTS.md, one benchmark after another (about 40 minutes on 2 cores;
+# the machine should be otherwise idle). Each prints figures and asserts nothing.
+bench: setup
+	$(BIN)/python bench/demo_time.py
+	$(BIN)/python bench/cached_rerun.py
+	$(BIN)/python bench/pipeline_overhead.py
+	$(BIN)/python bench/ppo_vs_trl.py
+	$(BIN)/python bench/ppo_throughput.py
 
 lint: setup
 	$(BIN)/ruff check .
