@@ -17,6 +17,7 @@ configuration first runs one warm-up update, not counted. Figures only; asserts 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -39,6 +40,7 @@ CPU_MODELS = [
 ]
 GPU_MODEL = ("~0.5B (1024 x 32)", 1024, 32, 16, 2816, 32000)
 TINY_GPU_MODEL = ("tiny (64 x 2)", 64, 2, 4, 256, 32000)
+_RUNS = itertools.count()
 
 
 def build(root: Path, spec: tuple, max_length: int) -> tuple[Path, Path, int]:
@@ -97,7 +99,7 @@ def measure(
         mixed_precision=mixed_precision,
     )
     warm = PpoSection(**{**cfg.model_dump(), "total_episodes": batch})
-    out = root / f"run-{batch}-{response_length}-{policy.parent.name}"
+    out = root / f"run-{next(_RUNS)}"  # a fresh directory: nothing to resume
     ppo.train(warm, policy=policy, reward_model=reward, prompts=prompts, out_dir=out / "warm")
     result = ppo.train(cfg, policy=policy, reward_model=reward, prompts=prompts, out_dir=out)
     timing = result["timing"]
