@@ -134,13 +134,22 @@ def test_fresh_clone_demo_check(tmp_path: Path):
 @pytest.mark.slow
 def test_fresh_clone_demo_gives_the_outputs_dvc_lock_records(demo_run) -> None:
     """`make demo` on a fresh clone (`rlhf data demo --check`, then the Prefect flow) passes the
-    gate, runs every stage, and leaves exactly the outputs the committed dvc.lock records: DVC
-    sees nothing to reproduce, so `dvc repro` and the flow are the same pipeline."""
+    gate, runs every stage, and leaves the outputs dvc.lock records: DVC sees nothing to
+    reproduce, so `dvc repro` and the flow are the same pipeline.
+
+    Trained outputs are compared only where they can be: training is bit-identical on one
+    machine (the same run twice gives the same bytes) but not across CPU types, whose math
+    kernels round differently (an AVX-512 machine and an AVX2 one give different SFT weights
+    from the same inputs). So the data, the code and the params every stage reads, and the
+    outputs no training touches (base_model, validate), must match dvc.lock exactly; a model
+    or a metric file that a training stage wrote may differ. That still fails when a stage's
+    code or params changed and dvc.lock was not updated."""
     clone = demo_run.clone
     for stage in yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]:
         assert (clone / "artifacts/mlflow_runs" / f"{stage}.json").exists(), stage
-    # DVC's only remark may be that the outputs are not in its cache (the flow does not
-    # `dvc commit`): every dep and out hashes as dvc.lock records it.
+    trained = ("artifacts/sft", "artifacts/reward", "artifacts/policy", "artifacts/evaluate")
+    # DVC's other remark may be that the outputs are not in its cache (the flow does not
+    # `dvc commit`).
     status = json.loads(sh(BIN / "dvc", "status", "--json", cwd=clone, code=clone).stdout)
     unexpected = [
         f"{stage}: {kind}: {path}: {what}"
@@ -149,11 +158,12 @@ def test_fresh_clone_demo_gives_the_outputs_dvc_lock_records(demo_run) -> None:
         for kind, paths in (change.items() if isinstance(change, dict) else [(change, {"": "?"})])
         for path, what in paths.items()
         if (kind, what) != ("changed outs", "not in cache")
+        and not (what == "modified" and path.startswith(trained))
     ]
     assert not unexpected, (
-        "after `rlhf run` on a fresh clone, DVC sees changes: a stage's outputs are not "
-        "deterministic, or dvc.lock was not updated after a change to a stage's code or params "
-        f"(run `dvc repro` and commit dvc.lock).\n{unexpected}"
+        "after `rlhf run` on a fresh clone, DVC sees changes: a stage's code, params or data "
+        "changed and dvc.lock was not updated (run `dvc repro` and commit dvc.lock), or an "
+        f"untrained output is not deterministic.\n{unexpected}"
     )
     assert "dvc.lock" not in sh("git", "status", "--porcelain", cwd=clone).stdout
 
