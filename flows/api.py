@@ -64,8 +64,8 @@ class TemporaryAPI:
     def __init__(self) -> None:
         # Not `import prefect` (seconds): the server should be booting while this process does.
         package = Path(importlib.util.find_spec("prefect").origin).parent
-        self.url = f"http://127.0.0.1:{_free_port()}/api"
-        port = self.url.split(":")[-1].split("/")[0]
+        port = str(_free_port())
+        self.url = f"http://127.0.0.1:{port}/api"
         env = {
             **os.environ,
             "PREFECT_UI_ENABLED": "0",
