@@ -122,6 +122,8 @@ class ValidateConfig(_Section):
     # ...judged only with at least this many pairs of unequal length.
     label_sanity_min_pairs: int = Field(20, ge=1)
     max_examples: int = Field(5, ge=1)
+    # Rows validated at a time: memory is bounded by this, not by the size of the files.
+    chunk_rows: int = Field(20000, ge=100)
     checks: ValidateChecks = ValidateChecks()
 
     @model_validator(mode="after")

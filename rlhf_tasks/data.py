@@ -18,6 +18,9 @@ Normalised columns: ``prompt``, ``chosen``, ``rejected`` (preferences) or ``prom
 A multi-turn prompt is rendered as a transcript
 (``Human: ...\\n\\nAssistant: ...\\n\\nHuman: ...``); a single user turn is its text.
 
+Files are read as streams (``iter_chunks``: a chunk of rows at a time, memory bounded by the
+chunk, not the file), except JSON documents, which are parsed whole.
+
 Loading never raises on a bad row: the row is kept with its problem in ``_parse_error`` so that
 the validation gate reports every problem with its file and line, instead of stopping at the first.
 Provenance columns: ``_file`` and ``_line`` (1-based line of a JSONL/CSV record, index + 1 in a JSON
@@ -27,14 +30,16 @@ list or Parquet file).
 from __future__ import annotations
 
 import csv
-import io
+import hashlib
 import json
 import re
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from rlhf_tasks.errors import ConfigError
@@ -45,7 +50,9 @@ TEXT_COLUMNS: dict[str, tuple[str, ...]] = {
     "prompts": ("prompt",),
 }
 OPTIONAL_COLUMNS = ("id", "annotator", "margin")
-PROVENANCE_COLUMNS = ("_file", "_line", "_format", "_parse_error")
+PROVENANCE_COLUMNS = ("_file", "_line", "_format", "_missing", "_parse_error")
+# Rows per chunk when a data set is read as a stream (``iter_chunks``).
+DEFAULT_CHUNK_ROWS = 20_000
 SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 
 HH_ASSISTANT = "\n\nAssistant:"
@@ -92,66 +99,127 @@ def _clean_text(value: Any) -> Any:
     return value
 
 
-def _read_records(path: Path) -> Iterator[tuple[int, dict[str, Any] | None, str | None]]:
-    """Yield (line, record, parse_error) for each record of one file."""
-    suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        with path.open("rb") as fh:
-            for number, raw in enumerate(fh, start=1):
-                text = raw.decode("utf-8", errors="surrogateescape")
-                if number == 1:
-                    text = text.removeprefix(BOM)
-                if not text.strip():
-                    continue
-                try:
-                    record = json.loads(text)
-                except json.JSONDecodeError as exc:
-                    yield number, None, f"malformed JSON: {exc.msg} (column {exc.colno})"
-                    continue
-                if not isinstance(record, dict):
-                    yield number, None, f"expected a JSON object, got {type(record).__name__}"
-                    continue
-                yield number, record, None
-    elif suffix == ".json":
-        text = path.read_bytes().decode("utf-8-sig", errors="surrogateescape")
+def _text_problem(head: bytes) -> str | None:
+    """What is wrong with a text file, judged by its first bytes: None if it may be UTF-8 text."""
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return "UTF-16 text (it starts with a UTF-16 byte-order mark); save the file as UTF-8"
+    if b"\x00" in head:
+        return "binary data, not text (it holds NUL bytes); expected UTF-8 text"
+    return None
+
+
+def _jsonl_records(path: Path) -> Iterator[tuple[int, dict[str, Any] | None, str | None]]:
+    with path.open("rb") as fh:
+        for number, raw in enumerate(fh, start=1):
+            text = raw.decode("utf-8", errors="surrogateescape")
+            if number == 1:
+                text = text.removeprefix(BOM)
+            if not text.strip():
+                continue
+            if "\x00" in text:
+                yield number, None, "binary data (NUL bytes), not a line of JSON text"
+                continue
+            try:
+                record = json.loads(text)
+            except json.JSONDecodeError as exc:
+                yield number, None, f"malformed JSON: {exc.msg} (column {exc.colno})"
+                continue
+            if not isinstance(record, dict):
+                yield number, None, f"expected a JSON object, got {type(record).__name__}"
+                continue
+            yield number, record, None
+
+
+def _json_records(path: Path) -> Iterator[tuple[int, dict[str, Any] | None, str | None]]:
+    # A JSON document is parsed whole (its records are not known before its end): prefer JSONL,
+    # CSV or Parquet for files that are large compared to memory.
+    text = path.read_bytes().decode("utf-8-sig", errors="surrogateescape")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        yield exc.lineno, None, f"malformed JSON: {exc.msg} (column {exc.colno})"
+        return
+    if isinstance(data, dict) and isinstance(data.get("data"), list):
+        data = data["data"]
+    if not isinstance(data, list):
+        yield 1, None, 'expected a JSON list of records (or {"data": [...]})'
+        return
+    for index, record in enumerate(data, start=1):
+        if isinstance(record, dict):
+            yield index, record, None
+        else:
+            yield index, None, f"expected a JSON object, got {type(record).__name__}"
+
+
+def _csv_records(path: Path) -> Iterator[tuple[int, dict[str, Any] | None, str | None]]:
+    # utf-8-sig: spreadsheets write a byte-order mark, which would rename the first column.
+    # strict: a stray quote is an error, not a field silently merged with its neighbours.
+    with path.open(encoding="utf-8-sig", errors="surrogateescape", newline="") as fh:
+        reader = csv.DictReader(fh, strict=True)
         try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            yield exc.lineno, None, f"malformed JSON: {exc.msg} (column {exc.colno})"
-            return
-        if isinstance(data, dict) and isinstance(data.get("data"), list):
-            data = data["data"]
-        if not isinstance(data, list):
-            yield 1, None, 'expected a JSON list of records (or {"data": [...]})'
-            return
-        for index, record in enumerate(data, start=1):
-            if isinstance(record, dict):
-                yield index, record, None
-            else:
-                yield index, None, f"expected a JSON object, got {type(record).__name__}"
-    elif suffix == ".csv":
-        # utf-8-sig: spreadsheets write a byte-order mark, which would rename the first column.
-        text = path.read_bytes().decode("utf-8-sig", errors="surrogateescape")
-        reader = csv.DictReader(io.StringIO(text, newline=""))
-        try:
-            end = 1 if reader.fieldnames is not None else 0  # the header's last line
-            for row in reader:
-                # Name a record by its first line (quoted fields may span several lines).
-                start, end = end + 1, reader.line_num
-                if None in row:
-                    yield start, None, "more fields than the header has"
-                    continue
-                yield start, {k: v for k, v in row.items() if v is not None}, None
+            header = reader.fieldnames
         except csv.Error as exc:
-            yield reader.line_num, None, f"malformed CSV: {exc}"
-    elif suffix == ".parquet":
-        try:
-            table = pd.read_parquet(path)
-        except Exception as exc:  # pyarrow raises several types for a corrupt file
-            yield 1, None, f"unreadable Parquet file: {exc}"
+            yield 1, None, f"malformed CSV header: {exc}"
             return
-        for index, record in enumerate(table.to_dict(orient="records"), start=1):
-            yield index, {k: _none_if_nan(v) for k, v in record.items()}, None
+        if header is None:
+            return
+        while True:
+            before = reader.line_num
+            try:
+                row = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as exc:
+                yield before + 1, None, f"malformed CSV (check the quoting): {exc}"
+                continue
+            # Name a record by its first line (quoted fields may span several lines).
+            start = reader.line_num - sum(v.count("\n") for v in row.values() if isinstance(v, str))
+            if None in row:
+                yield start, None, f"more fields than the header has ({len(header)})"
+            elif any(v is None for v in row.values()):
+                given = sum(v is not None for v in row.values())
+                yield start, None, f"{given} field(s), the header has {len(header)}"
+            else:
+                yield start, dict(row), None
+
+
+def _parquet_records(path: Path) -> Iterator[tuple[int, dict[str, Any] | None, str | None]]:
+    import pyarrow.parquet as pq
+
+    try:
+        batches = pq.ParquetFile(path).iter_batches(batch_size=4096)
+        index = 0
+        for batch in batches:  # one batch in memory at a time
+            for record in batch.to_pylist():
+                index += 1
+                yield index, {k: _none_if_nan(v) for k, v in record.items()}, None
+    except Exception as exc:  # pyarrow raises several types for a corrupt file
+        yield max(index, 1), None, f"unreadable Parquet file: {str(exc).splitlines()[0]}"
+
+
+_READERS = {
+    ".jsonl": _jsonl_records,
+    ".json": _json_records,
+    ".csv": _csv_records,
+    ".parquet": _parquet_records,
+}
+
+
+def _read_records(path: Path) -> Iterator[tuple[int, dict[str, Any] | None, str | None]]:
+    """Yield (line, record, parse_error) for each record of one file, reading it as a stream
+    (JSON documents excepted); a file that is not text, or holds no record, is one error."""
+    if path.suffix.lower() != ".parquet":
+        with path.open("rb") as fh:
+            problem = _text_problem(fh.read(4096))
+        if problem:
+            yield 1, None, problem
+            return
+    empty = True
+    for item in _READERS[path.suffix.lower()](path):
+        empty = False
+        yield item
+    if empty:
+        yield 1, None, "the file holds no records"
 
 
 def _none_if_nan(value: Any) -> Any:
@@ -220,6 +288,10 @@ def normalise_record(record: dict[str, Any], kind: str) -> tuple[dict[str, Any],
     if "margin" in record:
         record = {**record, "margin": _margin(record["margin"])}
     out = {k: record[k] for k in OPTIONAL_COLUMNS if k in record and record[k] is not None}
+    found = detect_kind(record)
+    if kind != "prompts" and found not in (kind, "prompts"):
+        keys = ", ".join(sorted(record)[:6])
+        raise ValueError(f"a record of {found} data (keys: {keys}) in a data set of {kind}")
     if kind == "preferences":
         chosen, rejected = record.get("chosen"), record.get("rejected")
         if isinstance(chosen, list) or isinstance(rejected, list):
@@ -280,46 +352,114 @@ def detect_kind(record: dict[str, Any]) -> str:
     return "prompts"
 
 
-def load(paths: Sequence[str | Path], kind: str | None = None) -> Dataset:
-    """Load files into a normalised Dataset. ``kind=None`` detects it from the first good record."""
-    files = list_files(paths)
-    rows: list[dict[str, Any]] = []
-    raw_rows: list[tuple[Path, int, dict[str, Any] | None, str | None]] = []
-    for path in files:
-        for line, record, error in _read_records(path):
-            raw_rows.append((path, line, record, error))
-            if kind is None and record is not None:
-                kind = detect_kind(record)
-    kind = kind or "preferences"
-    if kind not in TEXT_COLUMNS:
-        raise ConfigError(f"unknown data kind {kind!r}; expected one of {', '.join(TEXT_COLUMNS)}")
-    seen_columns: set[str] = set()
-    for path, line, record, error in raw_rows:
-        row: dict[str, Any] = {"_file": str(path), "_line": line, "_format": None}
-        if record is not None:
-            try:
-                fields, fmt = normalise_record(record, kind)
-            except ValueError as exc:
-                error = str(exc)
-            else:
-                row |= {k: _clean_text(v) for k, v in fields.items()}
-                row["_format"] = fmt
-                seen_columns.update(fields)
-        row["_parse_error"] = error
-        rows.append(row)
-    columns = [c for c in (*TEXT_COLUMNS[kind], *OPTIONAL_COLUMNS) if c in seen_columns]
-    frame = pd.DataFrame(rows, columns=[*columns, *PROVENANCE_COLUMNS])
-    # Parse failures carry no fields; a column that some good record has is still "present".
+def _row(path: Path, line: int, record: dict[str, Any] | None, error: str | None, kind: str):
+    """One row of the normalised frame: the record's fields and its provenance."""
+    row: dict[str, Any] = {"_file": str(path), "_line": line, "_format": None, "_missing": None}
+    if record is not None:
+        try:
+            fields, fmt = normalise_record(record, kind)
+        except ValueError as exc:
+            error = str(exc)
+        else:
+            row |= {k: _clean_text(v) for k, v in fields.items()}
+            row["_format"] = fmt
+            missing = [c for c in TEXT_COLUMNS[kind] if c not in fields]
+            row["_missing"] = ", ".join(missing) or None
+    row["_parse_error"] = error
+    return row
+
+
+def _frame(rows: list[dict[str, Any]], kind: str) -> pd.DataFrame:
+    optional = [c for c in OPTIONAL_COLUMNS if any(c in row for row in rows)]
+    frame = pd.DataFrame(rows, columns=[*TEXT_COLUMNS[kind], *optional, *PROVENANCE_COLUMNS])
     frame = frame.astype(object).where(frame.notna(), None)
     frame["_line"] = frame["_line"].astype(int)
-    return Dataset(kind=kind, frame=frame, files=files)
+    return frame
 
 
-def write_jsonl(frame: pd.DataFrame, path: Path) -> None:
+def iter_chunks(
+    paths: Sequence[str | Path], kind: str | None = None, chunk_rows: int = DEFAULT_CHUNK_ROWS
+) -> Iterator[Dataset]:
+    """The data set as consecutive chunks of at most ``chunk_rows`` rows each (at least one
+    chunk, possibly empty), reading the files as streams: memory is bounded by the chunk size,
+    not the size of the files. ``kind=None`` detects it from the first good record.
+
+    Every chunk has all text columns of its kind (None where a record lacks the key, which
+    ``_missing`` names) and the optional columns that its records have.
+    """
+    files = list_files(paths)
+    if kind is not None and kind not in TEXT_COLUMNS:
+        raise ConfigError(f"unknown data kind {kind!r}; expected one of {', '.join(TEXT_COLUMNS)}")
+    pending: list[tuple[Path, int, dict[str, Any] | None, str | None]] = []
+    done = False
+
+    def chunk() -> Dataset:
+        nonlocal kind
+        kind = kind or "preferences"
+        rows = [_row(*item, kind) for item in pending]
+        pending.clear()
+        return Dataset(kind=kind, frame=_frame(rows, kind), files=files)
+
+    for path in files:
+        for line, record, error in _read_records(path):
+            pending.append((path, line, record, error))
+            if kind is None and record is not None:
+                kind = detect_kind(record)
+            if len(pending) >= chunk_rows:
+                yield chunk()
+                done = True
+    if pending or not done:
+        yield chunk()
+
+
+def load(paths: Sequence[str | Path], kind: str | None = None) -> Dataset:
+    """Load files into one normalised Dataset (all rows in memory; see ``iter_chunks``)."""
+    (dataset,) = iter_chunks(paths, kind, chunk_rows=sys.maxsize)
+    return dataset
+
+
+class KeyIndex:
+    """Where each key (a tuple of strings) was first seen, for duplicate detection over data that
+    is read in chunks: 8-byte hashes in sorted numpy arrays, about 16 bytes per distinct key."""
+
+    def __init__(self) -> None:
+        self._hashes = np.empty(0, dtype=np.uint64)
+        self._where = np.empty(0, dtype=np.int64)
+
+    @staticmethod
+    def _hash(key: tuple[Any, ...]) -> int:
+        text = "\x1f".join("" if k is None else str(k).strip() for k in key)
+        digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+        return int.from_bytes(digest, "little")
+
+    def add(self, keys: Sequence[tuple[Any, ...]], where: Sequence[int]) -> list[int | None]:
+        """Record ``keys`` (found at ``where``); for each, the ``where`` of an earlier occurrence
+        (an earlier call or earlier in ``keys``), or None for the first."""
+        hashes = np.fromiter((self._hash(k) for k in keys), dtype=np.uint64, count=len(keys))
+        where_arr = np.asarray(where, dtype=np.int64)
+        unique, first, inverse = np.unique(hashes, return_index=True, return_inverse=True)
+        earlier = where_arr[first][inverse]  # first occurrence within this batch
+        if len(self._hashes):
+            pos = np.minimum(np.searchsorted(self._hashes, unique), len(self._hashes) - 1)
+            known = self._hashes[pos] == unique
+            before = np.where(known, self._where[pos], -1)
+        else:
+            known = np.zeros(len(unique), dtype=bool)
+            before = np.full(len(unique), -1, dtype=np.int64)
+        earlier = np.where(before[inverse] >= 0, before[inverse], earlier)
+        fresh = ~known
+        merged_h = np.concatenate([self._hashes, unique[fresh]])
+        merged_w = np.concatenate([self._where, where_arr[first][fresh]])
+        order = np.argsort(merged_h, kind="stable")
+        self._hashes, self._where = merged_h[order], merged_w[order]
+        return [None if e == w else int(e) for e, w in zip(earlier, where_arr, strict=True)]
+
+
+def write_jsonl(frame: pd.DataFrame, path: Path, append: bool = False) -> None:
     """Write the normalised columns (no provenance) as JSONL, one record per line, stable order."""
     path.parent.mkdir(parents=True, exist_ok=True)
     columns = [c for c in frame.columns if not c.startswith("_")]
-    with path.open("w", encoding="utf-8") as fh:
+    with path.open("a" if append else "w", encoding="utf-8") as fh:
         for record in frame[columns].to_dict(orient="records"):
             clean = {k: v for k, v in record.items() if v is not None}
             fh.write(json.dumps(clean, ensure_ascii=False, sort_keys=True) + "\n")

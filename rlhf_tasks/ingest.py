@@ -18,10 +18,8 @@ If ``merge`` or ``version`` fails, the training file and ``data.dvc`` are restor
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -32,14 +30,12 @@ from rlhf_tasks.errors import ConfigError
 
 DEFAULT_OUT = Path("artifacts/ingest")
 KEY = ("prompt", "chosen", "rejected")
+NEW_ROWS = "new_rows.jsonl"  # the batch's rows that are not in the training set yet
+NEW_ROW_BASE = 2**62  # where the batch's rows are numbered from, after any training row
 
 
 class IngestRejected(validate.ValidationFailed):
     """The batch, or the training set it would make, failed the validation gate."""
-
-
-def _key(row: dict[str, Any]) -> tuple:
-    return tuple((row.get(k) or "").strip() for k in KEY)
 
 
 def _gate(params: Params, paths: list[str], out_dir: Path, what: str) -> None:
@@ -51,7 +47,11 @@ def _gate(params: Params, paths: list[str], out_dir: Path, what: str) -> None:
 
 
 def check(params: Params, batch: str | Path, out_dir: Path = DEFAULT_OUT) -> dict[str, Any]:
-    """Validate the batch, then the training set it would make; return the rows to add."""
+    """Validate the batch, then the training set it would make. The batch's rows that are not
+    in the training set yet are written to ``out_dir/new_rows.jsonl``; returns where, and counts.
+
+    Both files are read in chunks (``validate.chunk_rows``): a batch larger than memory works.
+    """
     batch = Path(batch)
     if not batch.exists():
         raise ConfigError(f"{batch}: no such file")
@@ -60,33 +60,33 @@ def check(params: Params, batch: str | Path, out_dir: Path = DEFAULT_OUT) -> dic
         update={"validate_": params.validate_config.model_copy(update={"min_rows": 1})}
     )
     _gate(small, [str(batch)], out_dir / "batch", f"the batch {batch}")
-    existing = data.load([params.data.preferences_train], kind="preferences").frame
-    incoming = data.load([str(batch)], kind="preferences").frame
-    seen = {_key(r) for r in existing.to_dict(orient="records")}
-    fresh = []
-    for row in incoming.to_dict(orient="records"):
-        if _key(row) not in seen:
-            seen.add(_key(row))
-            fresh.append({k: v for k, v in row.items() if not k.startswith("_") and v is not None})
-    if fresh:
-        with tempfile.TemporaryDirectory() as tmp:
-            new_rows = Path(tmp) / "new_rows.jsonl"
-            _append(new_rows, fresh)
-            paths = [params.data.preferences_train, str(new_rows)]
-            _gate(params, paths, out_dir / "merged", "the training set with the batch")
+    chunk_rows = params.validate_config.chunk_rows
+    seen = data.KeyIndex()
+    for chunk in data.iter_chunks([params.data.preferences_train], "preferences", chunk_rows):
+        seen.add(_keys(chunk.frame), range(len(chunk.frame)))
+    new_rows, rows, added = out_dir / NEW_ROWS, 0, 0
+    for chunk in data.iter_chunks([str(batch)], "preferences", chunk_rows):
+        # Only whole pairs are added (the gate refused anything else, unless a check is off).
+        frame = chunk.frame[chunk.frame["_parse_error"].isna() & chunk.frame["_missing"].isna()]
+        first = NEW_ROW_BASE + rows
+        earlier = seen.add(_keys(frame), range(first, first + len(frame)))
+        fresh = frame[[e is None for e in earlier]]
+        data.write_jsonl(fresh, new_rows, append=True)
+        rows, added = rows + len(chunk.frame), added + len(fresh)
+    if added:
+        paths = [params.data.preferences_train, str(new_rows)]
+        _gate(params, paths, out_dir / "merged", "the training set with the batch")
     return {
         "batch": str(batch),
-        "rows": len(incoming),
-        "new_rows": fresh,
-        "duplicates": len(incoming) - len(fresh),
+        "rows": rows,
+        "new_rows": str(new_rows),
+        "added": added,
+        "duplicates": rows - added,
     }
 
 
-def _append(path: Path, rows: list[dict[str, Any]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a", encoding="utf-8") as fh:
-        for row in rows:
-            fh.write(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n")
+def _keys(frame: Any) -> list[tuple]:
+    return list(frame[list(KEY)].itertuples(index=False, name=None))
 
 
 def _git(*args: str) -> subprocess.CompletedProcess[str]:
@@ -100,9 +100,8 @@ def merge_and_version(
     training file and ``data.dvc`` exactly as they were if any step fails."""
     from dvc.repo import Repo
 
-    rows = checked["new_rows"]
     dvc_file = Path(f"{params.data.dir}.dvc")
-    if not rows:
+    if not checked["added"]:
         return {"added": 0, "md5": _md5(dvc_file), "committed": False}
     target = Path(params.data.preferences_train)
     if target.is_dir():
@@ -112,14 +111,15 @@ def merge_and_version(
         tmp = target.with_name(f".{target.name}.tmp")
         if target.exists():
             shutil.copyfile(target, tmp)
-        _append(tmp, rows)
+        with tmp.open("ab") as out, Path(checked["new_rows"]).open("rb") as new:
+            shutil.copyfileobj(new, out)
         tmp.replace(target)
         with Repo(".") as repo:
             repo.add(params.data.dir)
         committed = False
         if commit and _git("rev-parse", "--git-dir").returncode == 0:
             _git("add", str(dvc_file))
-            message = f"ingest {Path(checked['batch']).name}: +{len(rows)} preference pairs"
+            message = f"ingest {Path(checked['batch']).name}: +{checked['added']} preference pairs"
             done = _git("commit", "-m", message, "--", str(dvc_file))
             if done.returncode:
                 raise RuntimeError(f"git commit of {dvc_file} failed: {done.stderr.strip()}")
@@ -130,7 +130,7 @@ def merge_and_version(
         if target not in backups:
             target.unlink(missing_ok=True)
         raise
-    return {"added": len(rows), "md5": _md5(dvc_file), "committed": committed}
+    return {"added": checked["added"], "md5": _md5(dvc_file), "committed": committed}
 
 
 def _md5(dvc_file: Path) -> str | None:

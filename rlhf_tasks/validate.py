@@ -12,12 +12,15 @@ Bad input never reaches training. The gate loads every data set named in ``param
 
 Checks, with their names in ``params.yaml`` (``validate.checks.<name>: error | warn | off``):
 
-    parseable         every record parses (a malformed JSON line is named by its line number)
-    required_columns  prompt/chosen/rejected (preferences), prompt/completion (sft), prompt
+    parseable         every record parses (a malformed JSON line is named by its line number;
+                      an empty, binary or UTF-16 file, broken CSV quoting, a record of another
+                      kind of data are parse errors too)
+    required_columns  every record has prompt/chosen/rejected (preferences),
+                      prompt/completion (sft), prompt (prompts)
     string_types      those columns hold strings
     not_empty         no null, empty or whitespace-only text
     chosen_differs    chosen != rejected
-    unique_pairs      no duplicate (prompt, chosen, rejected)
+    unique_pairs      no repeated (prompt, chosen, rejected); a repeat names the first
     length_chars      min_chars <= characters <= max_chars
     length_tokens     prompt + response tokens <= max_tokens (default: the model's max length)
     utf8              valid UTF-8 (undecodable bytes show up as U+FFFD)
@@ -27,8 +30,14 @@ Checks, with their names in ``params.yaml`` (``validate.checks.<name>: error | w
     label_sanity      "chosen" is not the longer (or the shorter) response beyond a threshold
 
 Great Expectations cannot tokenise or compare two data sets, so token counts, the held-out
-membership and the chosen-is-longer flag are computed as helper columns (prefixed ``_``) that
-standard expectations then check.
+membership, the earlier copy of a pair and the chosen-is-longer flag are computed as helper
+columns (prefixed ``_``) that standard expectations then check.
+
+Files are read as streams and validated in chunks of ``validate.chunk_rows`` rows, so the gate's
+memory does not grow with the size of the data (``bench/validate_gate.py --gigabytes 1``
+measures it): row checks run on each chunk, duplicates are found across chunks through 8-byte
+hashes (``data.KeyIndex``, 16 bytes per distinct pair), and the checks of a data set as a whole
+(``min_rows``, ``label_sanity``) run on its one-row summary at the end.
 """
 
 from __future__ import annotations
@@ -43,7 +52,7 @@ from typing import Any
 import pandas as pd
 
 from rlhf_tasks.config import Params, ValidateConfig
-from rlhf_tasks.data import Dataset, load, write_jsonl
+from rlhf_tasks.data import Dataset, KeyIndex, iter_chunks, write_jsonl
 from rlhf_tasks.errors import ConfigError, DataError
 
 DEFAULT_OUT = Path("artifacts/validate")
@@ -51,6 +60,9 @@ CONTROL_CHARS = "[\x00-\x08\x0b-\x1f\x7f-\x9f]"
 PAIR_KINDS = ("preferences",)
 # Rows that did not parse are reported once, by "parseable"; every other check skips them.
 ONLY_PARSED = {"row_condition": "_parsed==True", "condition_parser": "pandas"}
+# ...and rows that lack a required key are reported once, by "required_columns".
+ONLY_COMPLETE = {"row_condition": "_complete==True", "condition_parser": "pandas"}
+LINE_SPAN = 2**40  # a row's place as one integer: file number * LINE_SPAN + line
 
 
 @dataclass
@@ -101,40 +113,62 @@ def _responses(ds: Dataset) -> tuple[str, ...]:
 
 
 def _add_helper_columns(
-    ds: Dataset, frame: pd.DataFrame, tokenizer: Any, heldout_prompts: set[str] | None
+    ds: Dataset,
+    tokenizer: Any,
+    heldout_prompts: set[str] | None,
+    seen: KeyIndex,
+    file_ids: dict[str, int],
 ) -> pd.DataFrame:
-    frame = frame.copy()
-    cols = set(frame.columns)
-    if tokenizer is not None and "prompt" in cols:
+    """The chunk's frame with the columns that the expectations check besides the data's own."""
+    frame = ds.frame.copy()
+    frame["_parsed"] = frame["_parse_error"].isna()
+    # Rows with every required key: the per-column checks judge these (the others are reported
+    # once, by "parseable" or "required_columns").
+    frame["_complete"] = frame["_parsed"] & frame["_missing"].isna()
+    complete = frame.index[frame["_complete"]]
+    if tokenizer is not None:
         # Tokens of prompt + response, as the trainers will see them (special tokens included).
-        prompts = frame["prompt"].tolist()
-        for response in [c for c in _responses(ds) if c in cols] or [None]:
-            replies = frame[response].tolist() if response else [""] * len(frame)
+        for response in _responses(ds) or (None,):
             rows = [
                 i
-                for i, (p, r) in enumerate(zip(prompts, replies, strict=True))
-                if isinstance(p, str) and isinstance(r, str)
+                for i in complete
+                if isinstance(frame.at[i, "prompt"], str)
+                and (response is None or isinstance(frame.at[i, response], str))
             ]
-            texts = [f"{prompts[i]} {replies[i]}".rstrip() for i in rows]
-            counts: list[int | None] = [None] * len(frame)
+            texts = [
+                f"{frame.at[i, 'prompt']} {frame.at[i, response] if response else ''}".rstrip()
+                for i in rows
+            ]
+            counts = pd.Series(None, index=frame.index, dtype=object)
             if texts:
-                ids = tokenizer(texts, add_special_tokens=True)["input_ids"]
-                for i, tokens in zip(rows, ids, strict=True):
-                    counts[i] = len(tokens)
-            frame[f"_tokens_{response or 'prompt'}"] = pd.Series(
-                counts, index=frame.index, dtype=object
-            )
-    if heldout_prompts is not None and "prompt" in cols:
+                ids = tokenizer(texts, add_special_tokens=True, verbose=False)["input_ids"]
+                counts.loc[rows] = [len(tokens) for tokens in ids]
+            frame[f"_tokens_{response or 'prompt'}"] = counts
+    if heldout_prompts is not None:
         frame["_heldout_prompt"] = [
             isinstance(p, str) and p.strip() in heldout_prompts for p in frame["prompt"]
         ]
-    if ds.kind in PAIR_KINDS and {"chosen", "rejected"} <= cols:
+    if ds.kind in PAIR_KINDS:
         # 1.0 chosen longer, 0.0 shorter; pairs of equal length say nothing about the rule.
         frame["_chosen_longer"] = [
             float(len(c) > len(r))
             if isinstance(c, str) and isinstance(r, str) and len(c) != len(r)
             else None
             for c, r in zip(frame["chosen"], frame["rejected"], strict=True)
+        ]
+        # The file:line of an earlier row (of this chunk or an earlier one) with the same pair.
+        rows = frame.loc[complete]
+        earlier = seen.add(
+            list(rows[list(ds.text_columns)].itertuples(index=False, name=None)),
+            [
+                file_ids[f] * LINE_SPAN + n
+                for f, n in zip(rows["_file"], rows["_line"], strict=True)
+            ],
+        )
+        files = {number: name for name, number in file_ids.items()}
+        frame["_duplicate_of"] = pd.Series(None, index=frame.index, dtype=object)
+        frame.loc[complete, "_duplicate_of"] = [
+            None if e is None else f"{files[e // LINE_SPAN]}:{e % LINE_SPAN}" for e in earlier
         ]
     return frame
 
@@ -145,7 +179,8 @@ def _add_helper_columns(
 def _expectations(
     ds: Dataset, frame: pd.DataFrame, cfg: ValidateConfig, max_tokens: int | None
 ) -> list[tuple[str, str | None, Any]]:
-    """(check name, column, expectation) for one data set, skipping checks set to ``off``."""
+    """(check name, column, expectation) for the rows of one data set, skipping checks set to
+    ``off``; the checks of the data set as a whole are in ``_summary_expectations``."""
     import great_expectations as gx
 
     E = gx.expectations
@@ -156,84 +191,102 @@ def _expectations(
         if sev[check] != "off":
             out.append((check, column, expectation))
 
-    present = [c for c in ds.text_columns if c in frame.columns]
+    add("parseable", None, E.ExpectColumnValuesToBeNull(column="_parse_error"))
+    add("required_columns", None, E.ExpectColumnValuesToBeNull(**ONLY_PARSED, column="_missing"))
     for col in ds.text_columns:
-        add("required_columns", col, E.ExpectColumnToExist(column=col))
-    for col in present:
         add(
             "string_types",
             col,
-            E.ExpectColumnValuesToBeInTypeList(**ONLY_PARSED, column=col, type_list=["str"]),
+            E.ExpectColumnValuesToBeInTypeList(**ONLY_COMPLETE, column=col, type_list=["str"]),
         )
-        add("not_empty", col, E.ExpectColumnValuesToNotBeNull(**ONLY_PARSED, column=col))
+        add("not_empty", col, E.ExpectColumnValuesToNotBeNull(**ONLY_COMPLETE, column=col))
         add(
             "not_empty",
             col,
-            E.ExpectColumnValuesToNotMatchRegex(**ONLY_PARSED, column=col, regex=r"^\s*$"),
+            E.ExpectColumnValuesToNotMatchRegex(**ONLY_COMPLETE, column=col, regex=r"^\s*$"),
         )
         add(
             "length_chars",
             col,
             E.ExpectColumnValueLengthsToBeBetween(
-                **ONLY_PARSED, column=col, min_value=cfg.min_chars, max_value=cfg.max_chars
+                **ONLY_COMPLETE, column=col, min_value=cfg.min_chars, max_value=cfg.max_chars
             ),
         )
         add(
             "utf8",
             col,
-            E.ExpectColumnValuesToNotMatchRegex(**ONLY_PARSED, column=col, regex="\ufffd"),
+            E.ExpectColumnValuesToNotMatchRegex(**ONLY_COMPLETE, column=col, regex="\ufffd"),
         )
         add(
             "control_chars",
             col,
-            E.ExpectColumnValuesToNotMatchRegex(**ONLY_PARSED, column=col, regex=CONTROL_CHARS),
+            E.ExpectColumnValuesToNotMatchRegex(**ONLY_COMPLETE, column=col, regex=CONTROL_CHARS),
         )
     for col in [c for c in frame.columns if c.startswith("_tokens_")]:
         add(
             "length_tokens",
             col,
             E.ExpectColumnValuesToBeBetween(
-                **ONLY_PARSED, column=col, min_value=1, max_value=max_tokens
+                **ONLY_COMPLETE, column=col, min_value=1, max_value=max_tokens
             ),
         )
-    add("min_rows", None, E.ExpectTableRowCountToBeBetween(**ONLY_PARSED, min_value=cfg.min_rows))
     if "_heldout_prompt" in frame.columns:
         add(
             "heldout_overlap",
             "prompt",
             E.ExpectColumnValuesToBeInSet(
-                **ONLY_PARSED, column="_heldout_prompt", value_set=[False]
+                **ONLY_COMPLETE, column="_heldout_prompt", value_set=[False]
             ),
         )
-    if ds.kind in PAIR_KINDS and {"chosen", "rejected"} <= set(frame.columns):
+    if ds.kind in PAIR_KINDS:
         add(
             "chosen_differs",
             "chosen",
             E.ExpectSelectColumnValuesToBeUniqueWithinRecord(
-                **ONLY_PARSED, column_list=["chosen", "rejected"]
+                **ONLY_COMPLETE, column_list=["chosen", "rejected"]
             ),
         )
-        if "prompt" in frame.columns:
-            add(
-                "unique_pairs",
+        add(
+            "unique_pairs",
+            "_duplicate_of",
+            E.ExpectColumnValuesToBeNull(**ONLY_COMPLETE, column="_duplicate_of"),
+        )
+    return out
+
+
+def _summary_expectations(
+    kind: str, summary: dict[str, Any], cfg: ValidateConfig
+) -> list[tuple[str, str | None, Any]]:
+    """The checks of a data set as a whole, on its one-row summary (row count, shares)."""
+    import great_expectations as gx
+
+    E = gx.expectations
+    sev = cfg.checks.model_dump()
+    out = []
+    if sev["min_rows"] != "off":
+        out.append(
+            (
+                "min_rows",
                 None,
-                E.ExpectCompoundColumnsToBeUnique(
-                    **ONLY_PARSED, column_list=["prompt", "chosen", "rejected"]
-                ),
+                E.ExpectColumnValuesToBeBetween(column="rows", min_value=cfg.min_rows),
             )
-        # Judged on pairs of unequal length, and only on enough of them to mean something.
-        if frame["_chosen_longer"].notna().sum() >= cfg.label_sanity_min_pairs:
-            thr = cfg.label_sanity_threshold
-            add(
+        )
+    # Judged on pairs of unequal length, and only on enough of them to mean something.
+    if (
+        kind in PAIR_KINDS
+        and sev["label_sanity"] != "off"
+        and summary["unequal_pairs"] >= cfg.label_sanity_min_pairs
+    ):
+        thr = cfg.label_sanity_threshold
+        out.append(
+            (
                 "label_sanity",
                 "_chosen_longer",
-                E.ExpectColumnMeanToBeBetween(
-                    **ONLY_PARSED,
-                    column="_chosen_longer",
-                    min_value=round(1 - thr, 6),
-                    max_value=thr,
+                E.ExpectColumnValuesToBeBetween(
+                    column="chosen_longer_share", min_value=round(1 - thr, 6), max_value=thr
                 ),
             )
+        )
     return out
 
 
@@ -242,13 +295,11 @@ def _short(value: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _describe(check: str, column: str | None, result: dict, cfg: ValidateConfig) -> str:
-    count = result.get("unexpected_count", 0)
-    observed = result.get("observed_value")
+def _describe(
+    check: str, column: str | None, count: int, observed: Any, cfg: ValidateConfig
+) -> str:
     if check == "min_rows":
         return f"{observed} rows, need at least {cfg.min_rows}"
-    if check == "required_columns":
-        return f"column {column!r} is missing"
     if check == "label_sanity":
         share, limit = 100 * float(observed or 0), 100 * cfg.label_sanity_threshold
         return (
@@ -257,6 +308,7 @@ def _describe(check: str, column: str | None, result: dict, cfg: ValidateConfig)
         )
     what = {
         "parseable": "rows that do not parse",
+        "required_columns": "rows that lack a required column",
         "string_types": f"rows where {column!r} is not a string",
         "not_empty": f"rows where {column!r} is null, empty or whitespace",
         "length_chars": f"rows where {column!r} has fewer than {cfg.min_chars} or more than "
@@ -267,7 +319,7 @@ def _describe(check: str, column: str | None, result: dict, cfg: ValidateConfig)
         "control_chars": f"rows where {column!r} holds control characters",
         "heldout_overlap": "rows whose prompt is also a held-out prompt",
         "chosen_differs": "rows where chosen == rejected",
-        "unique_pairs": "duplicate (prompt, chosen, rejected) rows",
+        "unique_pairs": "rows that repeat an earlier (prompt, chosen, rejected)",
     }.get(check, "unexpected rows")
     return f"{count} {what}"
 
@@ -279,6 +331,10 @@ def _examples(frame: pd.DataFrame, column: str | None, result: dict, limit: int)
         example = {"file": row["_file"], "line": int(row["_line"])}
         if row.get("_parse_error"):
             example["error"] = row["_parse_error"]
+        elif row.get("_missing"):
+            example["error"] = f"the record has no {row['_missing']}"
+        elif column == "_duplicate_of":
+            example["error"] = f"the same pair as {row['_duplicate_of']}"
         elif column and column in frame.columns:
             example["value"] = _short(row[column])
         out.append(example)
@@ -307,84 +363,158 @@ def _context(docs_dir: Path | None) -> Any:
     return context
 
 
+@dataclass(frozen=True)
+class Source:
+    """A data set to validate: where it is, what kind it is, and whether it is held out."""
+
+    paths: tuple[str, ...]
+    kind: str | None  # None: detected from the first record
+    heldout: bool = False
+
+
 def run_checks(
-    datasets: dict[str, Dataset],
+    sources: dict[str, Source],
     cfg: ValidateConfig,
     tokenizer: Any = None,
     max_tokens: int | None = None,
-    heldout_prompts: set[str] | None = None,
-    train_sets: frozenset[str] | set[str] = frozenset(),
     docs_dir: Path | None = None,
+    data_dir: Path | None = None,
 ) -> Report:
-    """Validate each data set with its own expectation suite; build Data Docs into ``docs_dir``.
+    """Validate each data set with its own expectation suite, chunk by chunk (``cfg.chunk_rows``
+    rows at a time, so memory does not grow with the files); build Data Docs into ``docs_dir``.
 
-    ``heldout_prompts`` are checked against the data sets named in ``train_sets``.
+    Prompts of the held-out sources are checked against the others (``heldout_overlap``). With
+    ``data_dir``, the normalised rows are written there as ``<name>.jsonl``, only if every check
+    of severity error passed (nothing is left there otherwise).
     """
     import great_expectations as gx
 
     context = _context(docs_dir)
-    source = context.data_sources.add_pandas("rlhf")
+    pandas_source = context.data_sources.add_pandas("rlhf")
     severity = cfg.checks.model_dump()
     result_format = {"result_format": "SUMMARY", "partial_unexpected_count": cfg.max_examples}
-    checks: list[CheckResult] = []
-    summaries: dict[str, dict[str, Any]] = {}
-    for name, ds in datasets.items():
-        overlap = heldout_prompts if name in train_sets else None
-        frame = _add_helper_columns(ds, ds.frame, tokenizer, overlap)
-        frame["_parsed"] = frame["_parse_error"].isna()
-        plan = _expectations(ds, frame, cfg, max_tokens)
-        if severity["parseable"] != "off":
-            plan.insert(
-                0,
-                (
-                    "parseable",
-                    None,
-                    gx.expectations.ExpectColumnValuesToBeNull(column="_parse_error"),
-                ),
-            )
+    heldout_prompts = _heldout_prompts(sources, cfg.chunk_rows)
+    partial = None
+    if data_dir is not None:
+        partial = data_dir.with_name(f".{data_dir.name}.partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+    def validation(name: str, plan: list[tuple[str, str | None, Any]]) -> Any:
         suite = context.suites.add(gx.ExpectationSuite(name=name))
-        ids = [suite.add_expectation(expectation).id for _, _, expectation in plan]
-        batch = source.add_dataframe_asset(name).add_batch_definition_whole_dataframe(name)
-        definition = context.validation_definitions.add(
+        for _, _, expectation in plan:
+            suite.add_expectation(expectation)
+        batch = pandas_source.add_dataframe_asset(name).add_batch_definition_whole_dataframe(name)
+        return context.validation_definitions.add(
             gx.ValidationDefinition(name=name, data=batch, suite=suite)
         )
-        run = definition.run(batch_parameters={"dataframe": frame}, result_format=result_format)
-        # Results come back in suite order; match them to the plan by expectation id.
+
+    def merge(items: list[CheckResult], plan: list, frame: pd.DataFrame | None, run: Any) -> None:
+        """Add one run's results (in the order of ``plan``) to ``items``, with example rows of
+        ``frame`` (a chunk of the data) for those that failed."""
         by_id = {r.expectation_config.id: r for r in run.results}
-        for (check, column, _), expectation_id in zip(plan, ids, strict=True):
-            res = by_id[expectation_id]
+        for item, (_, column, expectation) in zip(items, plan, strict=True):
+            res = by_id[expectation.id]
             result = dict(res.result or {})
             raised = (res.exception_info or {}).get("raised_exception")
-            item = CheckResult(
-                dataset=name,
-                check=check,
-                severity=severity[check],
-                success=bool(res.success),
-                column=column,
-                unexpected=int(result.get("unexpected_count") or 0),
-                observed=_plain(result.get("observed_value")),
-            )
+            item.unexpected += int(result.get("unexpected_count") or 0)
+            if item.observed is None:
+                item.observed = _plain(result.get("observed_value"))
             if raised:
+                item.success = False
                 item.detail = f"could not run: {res.exception_info.get('exception_message')}"
-            elif not item.success:
-                item.detail = _describe(check, column, result, cfg)
-                item.examples = _examples(frame, column, result, cfg.max_examples)
-            checks.append(item)
-        parsed = frame[frame["_parsed"]]
-        summaries[name] = {
-            "kind": ds.kind,
-            "files": [str(f) for f in ds.files],
-            "rows": len(frame),
-            "formats": sorted({f for f in parsed["_format"] if f}),
+            elif not res.success:
+                item.success = False
+                room = cfg.max_examples - len(item.examples)
+                if frame is not None and room > 0:
+                    item.examples += _examples(frame, column, result, room)
+
+    checks: list[CheckResult] = []
+    summaries: dict[str, dict[str, Any]] = {}
+    for name, src in sources.items():
+        overlap = None if src.heldout else heldout_prompts
+        seen = KeyIndex()
+        counts = {"rows": 0, "parsed": 0, "chunks": 0, "longer": 0.0, "unequal_pairs": 0}
+        formats: set[str] = set()
+        plan: list[tuple[str, str | None, Any]] = []
+        items: list[CheckResult] = []
+        definition = None
+        for chunk in iter_chunks(src.paths, src.kind, cfg.chunk_rows):
+            file_ids = {str(f): i for i, f in enumerate(chunk.files)}
+            frame = _add_helper_columns(chunk, tokenizer, overlap, seen, file_ids)
+            if definition is None:  # the same columns, so the same suite, for every chunk
+                plan = _expectations(chunk, frame, cfg, max_tokens)
+                items = [CheckResult(name, c, severity[c], True, col) for c, col, _ in plan]
+                definition = validation(name, plan)
+                kind, files = chunk.kind, chunk.files
+            run = definition.run(batch_parameters={"dataframe": frame}, result_format=result_format)
+            merge(items, plan, frame, run)
+            parsed = frame[frame["_parsed"]]
+            counts["chunks"] += 1
+            counts["rows"] += len(frame)
+            counts["parsed"] += len(parsed)
+            formats.update(f for f in parsed["_format"] if f)
+            if "_chosen_longer" in frame.columns:
+                longer = parsed["_chosen_longer"].dropna().astype(float)
+                counts["longer"] += float(longer.sum())
+                counts["unequal_pairs"] += len(longer)
+            if partial is not None:
+                write_jsonl(frame[frame["_complete"]], partial / f"{name}.jsonl", append=True)
+        unequal = counts["unequal_pairs"]
+        summary = {
+            "rows": counts["parsed"],
+            "unequal_pairs": unequal,
+            "chosen_longer_share": round(counts["longer"] / unequal, 4) if unequal else None,
         }
-        if "_chosen_longer" in frame.columns:
-            share = parsed["_chosen_longer"].dropna().astype(float).mean()
-            summaries[name]["chosen_longer_share"] = (
-                round(float(share), 4) if share == share else None
+        whole = _summary_expectations(kind, summary, cfg)
+        if whole:
+            whole_items = [CheckResult(name, c, severity[c], True, col) for c, col, _ in whole]
+            run = validation(f"{name}.summary", whole).run(
+                batch_parameters={"dataframe": pd.DataFrame([summary])},
+                result_format=result_format,
             )
+            merge(whole_items, whole, None, run)
+            for item in whole_items:
+                item.observed = summary[
+                    "rows" if item.check == "min_rows" else "chosen_longer_share"
+                ]
+                item.examples = []
+            items += whole_items
+        for item in items:
+            if not item.success and not item.detail:
+                item.detail = _describe(
+                    item.check, item.column, item.unexpected, item.observed, cfg
+                )
+        checks += items
+        summaries[name] = {
+            "kind": kind,
+            "files": [str(f) for f in files],
+            "rows": counts["rows"],
+            "chunks": counts["chunks"],
+            "formats": sorted(formats),
+        }
+        if kind in PAIR_KINDS:
+            summaries[name]["chosen_longer_share"] = summary["chosen_longer_share"]
     if docs_dir is not None:
         context.build_data_docs()
-    return Report(checks=checks, datasets=summaries)
+    report = Report(checks=checks, datasets=summaries)
+    if partial is not None:
+        if report.valid:
+            partial.mkdir(parents=True, exist_ok=True)
+            partial.replace(data_dir)
+        else:
+            shutil.rmtree(partial, ignore_errors=True)
+    return report
+
+
+def _heldout_prompts(sources: dict[str, Source], chunk_rows: int) -> set[str]:
+    """The prompts of the held-out sources (stripped), for the ``heldout_overlap`` check."""
+    prompts: set[str] = set()
+    for src in sources.values():
+        if src.heldout:
+            for chunk in iter_chunks(src.paths, src.kind, chunk_rows):
+                prompts.update(p.strip() for p in chunk.frame["prompt"] if isinstance(p, str))
+    return prompts
 
 
 def _plain(value: Any) -> Any:
@@ -393,15 +523,6 @@ def _plain(value: Any) -> Any:
 
 
 # -- the stage ----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Source:
-    """A data set to validate: where it is, what kind it is, and whether it is held out."""
-
-    paths: tuple[str, ...]
-    kind: str | None  # None: detected from the first record
-    heldout: bool = False
 
 
 def default_sources(params: Params) -> dict[str, Source]:
@@ -464,32 +585,17 @@ def validate(
             sources["heldout" if i == 0 else f"heldout_{i + 1}"] = Source((path,), None, True)
     else:
         sources = default_sources(params)
-    datasets = {name: load(src.paths, kind=src.kind) for name, src in sources.items()}
     tokenizer, max_tokens = (None, None)
     if cfg.checks.length_tokens != "off":
         tokenizer, max_tokens = load_tokenizer(params)
-    heldout_prompts = {
-        p.strip()
-        for name, src in sources.items()
-        if src.heldout
-        for p in datasets[name].frame.get("prompt", pd.Series(dtype=object))
-        if isinstance(p, str)
-    }
-    train_sets = {name for name, src in sources.items() if not src.heldout}
-    docs_dir = out_dir / "data_docs"
+    docs_dir, data_dir = out_dir / "data_docs", out_dir / "data"
     shutil.rmtree(docs_dir, ignore_errors=True)
-    report = run_checks(
-        datasets, cfg, tokenizer, max_tokens, heldout_prompts, train_sets, docs_dir=docs_dir
-    )
+    report = run_checks(sources, cfg, tokenizer, max_tokens, docs_dir=docs_dir, data_dir=data_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     report_path = out_dir / "report.json"
     report_path.write_text(json.dumps(report.to_dict(), indent=2, sort_keys=True) + "\n")
-    data_dir = out_dir / "data"
-    shutil.rmtree(data_dir, ignore_errors=True)
     outputs = {"report": str(report_path), "data_docs": str(docs_dir / "index.html")}
     if report.valid:
-        for name, ds in datasets.items():
-            write_jsonl(ds.frame, data_dir / f"{name}.jsonl")
         outputs["data"] = str(data_dir)
     metrics = {
         "validate/valid": float(report.valid),
@@ -511,7 +617,8 @@ def summary(report: Report, outputs: dict[str, str]) -> str:
         mine = [c for c in report.checks if c.dataset == name]
         bad = [c for c in mine if not c.success]
         status = "ok" if not bad else f"{len(bad)} problem(s)"
-        lines.append(f"  {name}: {info['rows']} rows from {', '.join(info['files'])}: {status}")
+        files = ", ".join(info["files"])
+        lines.append(f"  {name} ({info['kind']}): {info['rows']} rows from {files}: {status}")
         for c in bad:
             tag = "FAIL" if c.severity == "error" else "WARN"
             lines.append(f"    {tag} {c.check}: {c.detail}")
@@ -533,8 +640,12 @@ def run(params: Params, out_dir: Path = DEFAULT_OUT) -> dict[str, Any]:
     print(summary(report, result["outputs"]))
     if not report.valid:
         failed = ", ".join(sorted({f"{c.dataset}/{c.check}" for c in report.failed}))
-        raise ValidationFailed(
-            f"validation gate failed ({failed}); nothing downstream ran. "
-            f"Details: {result['outputs']['report']}"
-        )
+        lines = [f"validation gate failed ({failed}); nothing downstream ran."]
+        for c in report.failed:
+            first = c.examples[0] if c.examples else None
+            where = f", first at {first['file']}:{first['line']}" if first else ""
+            why = f" ({first['error']})" if first and "error" in first else ""
+            lines.append(f"  {c.dataset}/{c.check}: {c.detail}{where}{why}")
+        lines.append(f"Details: {result['outputs']['report']}")
+        raise ValidationFailed("\n".join(lines))
     return result

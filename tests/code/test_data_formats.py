@@ -41,7 +41,7 @@ ROWS = [
     },
 ]
 PREF_COLUMNS = ["prompt", "chosen", "rejected", "id", "annotator", "margin"]
-PROVENANCE = ["_file", "_line", "_format", "_parse_error"]
+PROVENANCE = ["_file", "_line", "_format", "_missing", "_parse_error"]
 
 
 def write_jsonl(path: Path, records: list) -> Path:
@@ -225,7 +225,7 @@ def test_implicit_without_hh_markers_is_not_split(tmp_path):
     row = one(tmp_path, {"chosen": "Paris.", "rejected": "Rome."})
 
     assert row["_format"] == "explicit"
-    assert "prompt" not in row  # the gate reports the missing prompt column
+    assert row["prompt"] is None and row["_missing"] == "prompt"  # the gate reports the row
     assert (row["chosen"], row["rejected"]) == ("Paris.", "Rome.")
 
 
@@ -498,7 +498,7 @@ def test_csv_row_with_too_many_fields_is_kept_as_an_error(tmp_path):
     frame = load([path]).frame
 
     assert frame["_line"].tolist() == [2, 3, 4]
-    assert frame["_parse_error"].tolist() == [None, "more fields than the header has", None]
+    assert frame["_parse_error"].tolist() == [None, "more fields than the header has (3)", None]
     assert frame["prompt"].tolist() == ["Q1", None, "Q3"]
 
 

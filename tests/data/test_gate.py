@@ -170,8 +170,9 @@ def test_required_columns_missing_rejected(project, rlhf):
 
     result = rlhf("validate", "bad.jsonl")
     out = result[1]
-    assert_fails(result, "required_columns")
-    assert "column 'rejected' is missing" in out
+    assert_fails(result, "required_columns", "bad.jsonl:1", "bad.jsonl:2")
+    assert "120 rows that lack a required column" in out
+    assert "bad.jsonl:1  the record has no rejected" in out
 
 
 def test_string_types_chosen_is_a_number(project, rlhf):
@@ -215,7 +216,9 @@ def test_unique_pairs(project, rlhf):
     rows[8] = {**rows[2], "id": "copy-of-r002"}  # the same (prompt, chosen, rejected)
     write_jsonl("bad.jsonl", rows)
 
-    assert_fails(rlhf("validate", "bad.jsonl"), "unique_pairs", "bad.jsonl:3", "bad.jsonl:9")
+    result = rlhf("validate", "bad.jsonl")
+    assert_fails(result, "unique_pairs", "bad.jsonl:9")  # the later copy, naming the first
+    assert "bad.jsonl:9  the same pair as bad.jsonl:3" in result[1]
 
 
 def test_length_chars_over_max_chars(project, rlhf):
