@@ -47,8 +47,9 @@ def _run_link(run_id: str) -> str:
         import mlflow
 
         experiment = mlflow.get_run(run_id).info.experiment_id
-        return f"[{run_id[:8]}]({uri}/#/experiments/{experiment}/runs/{run_id})"
-    return f"`{run_id}` ({uri})"
+        link = f"{tracking.redact_url(uri)}/#/experiments/{experiment}/runs/{run_id}"
+        return f"[{run_id[:8]}]({link})"
+    return f"`{run_id}` ({tracking.redact_url(uri)})"
 
 
 def evaluation_artifact(results: dict[str, Any], parent_run_id: str) -> None:

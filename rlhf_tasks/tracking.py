@@ -19,7 +19,9 @@ per-step metrics into the stage's run (``report_to="mlflow"``); PPO logs one ste
 Where a stage's run is recorded: ``artifacts/mlflow_runs/<stage>.json`` (run id, model id,
 store), which is how later stages find their upstream runs (outside every DVC output, so the
 record never changes what ``dvc status`` sees). The store is ``MLFLOW_TRACKING_URI`` when set,
-else ``sqlite:///mlflow.db`` in the project directory with artifacts in ``mlruns/``.
+else ``sqlite:///mlflow.db`` in the project directory with artifacts in ``mlruns/``. URLs are
+recorded without the credentials they may embed (``redact_url``): the store's in that file, the
+DVC remote's in ``rlhf.dvc_remote``.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import os
 import subprocess
 import sys
 import time
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -54,6 +57,27 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 def tracking_uri() -> str:
     """``MLFLOW_TRACKING_URI``, else the embedded store: ``mlflow.db`` in the project directory."""
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlflow.db').resolve()}"
+
+
+_SECRET_QUERY = ("pass", "pwd", "token", "secret", "key", "signature", "credential")
+
+
+def redact_url(url: str) -> str:
+    """``url`` as it may be recorded or shown: without the user name and password it may embed
+    (``http://user:token@host``, ``postgresql://user:pass@host/db``) and with the values of
+    query parameters that hold secrets (``?password=...``, ``?X-Amz-Signature=...``) masked."""
+    parts = urllib.parse.urlsplit(url)
+    pairs = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+    secret = [any(s in k.lower() for s in _SECRET_QUERY) for k, _ in pairs]
+    if not parts.scheme or ("@" not in parts.netloc and not any(secret)):
+        return url  # unchanged, not rebuilt (urlunsplit would turn sqlite://// into sqlite://)
+    masked = [(k, "***" if hide else v) for (k, v), hide in zip(pairs, secret, strict=True)]
+    return urllib.parse.urlunsplit(
+        parts._replace(
+            netloc=parts.netloc.rpartition("@")[2],
+            query=urllib.parse.urlencode(masked, safe="*") if any(secret) else parts.query,
+        )
+    )
 
 
 def configure(params: Params) -> None:
@@ -108,7 +132,7 @@ def data_version(params: Params) -> tuple[str, str]:
             url = config["remote"][name]["url"]
             if "://" not in url and not Path(url).is_absolute():  # relative to .dvc/
                 url = str((Path(".dvc") / url).resolve())
-            remote = f"{name}: {url}"
+            remote = f"{name}: {redact_url(url)}"
     return md5, remote
 
 
@@ -297,6 +321,8 @@ def _requirements() -> list[str]:
 
 
 def record_run(stage: str, **record: Any) -> None:
+    """Write ``artifacts/mlflow_runs/<stage>.json``; URLs in it without their credentials."""
+    record = {k: redact_url(v) if isinstance(v, str) else v for k, v in record.items()}
     RUNS_DIR.mkdir(parents=True, exist_ok=True)
     tmp = RUNS_DIR / f".{stage}.json.tmp"
     tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
