@@ -11,6 +11,7 @@ Overrides use DVC's syntax, ``-S section.key=value`` (the value is parsed as YAM
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -366,11 +367,11 @@ def load_params(path: str | Path = DEFAULT_PARAMS, overrides: list[str] | None =
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
     raw = apply_overrides(raw, overrides or [])
+    overridden = {item.partition("=")[0].strip() for item in overrides or []}
     try:
-        return Params.model_validate(raw)
+        params = Params.model_validate(raw)
     except ValidationError as exc:
         lines = []
-        overridden = {item.partition("=")[0].strip() for item in overrides or []}
         for err in exc.errors():
             key = ".".join(str(p) for p in err["loc"]) or "(top level)"
             source = "-S" if key in overridden else str(path)
@@ -381,3 +382,32 @@ def load_params(path: str | Path = DEFAULT_PARAMS, overrides: list[str] | None =
             else:
                 lines.append(f"{source}: {key}: {err['msg']} (got {err.get('input')!r})")
         raise ConfigError("\n".join(lines)) from None
+    escaped = [
+        f"{'-S' if key in overridden else path}: {key}: {value!r} is outside the project "
+        f"directory ({project}); move the data into it, or give an absolute path to read it "
+        "from where it is"
+        for key, value, project in _data_outside_project(params, path)
+    ]
+    if escaped:
+        raise ConfigError("\n".join(escaped))
+    return params
+
+
+def _data_outside_project(params: Params, path: Path) -> list[tuple[str, str, Path]]:
+    """The ``data`` paths that are relative and lead out of the project directory (the params
+    file's directory), as (key, value, project directory).
+
+    The check is on the path as written (``..`` components), not through symlinks: an absolute
+    path is accepted as a deliberate choice, and so is a symlink someone placed in the project
+    (DVC itself may check data out as symlinks into its cache). What it catches is a relative
+    path that silently reads, or with ``rlhf data demo`` writes, files of another directory.
+    """
+    project = Path(os.path.abspath(path.parent))
+    found = []
+    for key, value in params.data.model_dump().items():
+        if Path(value).is_absolute():
+            continue
+        target = Path(os.path.normpath(project / value))
+        if target != project and project not in target.parents:
+            found.append((f"data.{key}", value, project))
+    return found
