@@ -13,6 +13,8 @@ MLflow run under the flow's parent run. The flow adds what Prefect is for:
   promotion decision, and PPO's progress while it trains.
 
 A failed stage fails the flow at once; stages after it do not run, so nothing is registered.
+A mistake in the params (a TRL argument, a model that is missing, ships its own code or only
+pickled weights: ``rlhf_tasks/preflight.py``) fails the flow before its first stage.
 
     python -m flows.pipeline            # in-process, on Prefect's ephemeral API
 """
@@ -29,7 +31,7 @@ from prefect.filesystems import LocalFileSystem
 
 from flows import reports
 from flows.api import server_api
-from rlhf_tasks import cache, tracking
+from rlhf_tasks import cache, preflight, tracking
 from rlhf_tasks.config import DEFAULT_PARAMS, Params, load_params
 from rlhf_tasks.errors import ConfigError
 from rlhf_tasks.stages import STAGES, run_stage
@@ -110,6 +112,7 @@ def rlhf_pipeline(
     unknown = set(params.orchestration.timeouts) - set(STAGES)
     if unknown:
         raise ConfigError(f"orchestration.timeouts: no such stage(s): {', '.join(sorted(unknown))}")
+    preflight.check(params)  # every stage's arguments and models, before the first stage runs
     if server_api():
         _ensure_limits(params)
     storage = _result_storage()

@@ -301,7 +301,10 @@ def _failed(state: Any, what: str) -> bool:
 
 def cmd_run(args: argparse.Namespace, params: Params) -> int:
     from flows.api import temporary_api
+    from rlhf_tasks import preflight
 
+    # A mistake in the params stops the run here, before it takes the project or starts an API.
+    preflight.check(params)
     with project_lock("run"), temporary_api() as api:
         from flows.pipeline import rlhf_pipeline
 

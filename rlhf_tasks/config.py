@@ -62,7 +62,12 @@ class ModelConfig(_Section):
     """The base model every training stage starts from: a hub id or a local directory."""
 
     name_or_path: str = "artifacts/base_model"
+    # Run the Python code a model directory ships (config.json's auto_map, *.py files). Off: such
+    # a model is refused before anything runs (rlhf_tasks/preflight.py).
     trust_remote_code: bool = False
+    # Load pickled weights (pytorch_model.bin, *.pt): unpickling runs code. Off: only safetensors
+    # load, and a model that has only pickled weights is refused before anything runs.
+    allow_pickle: bool = False
 
 
 class BaseModelConfig(_Section):

@@ -20,9 +20,15 @@ from pathlib import Path
 from typing import Any
 
 from rlhf_tasks import demo, policy, reward, sft, validate
-from rlhf_tasks.config import EvaluateSection, Params
+from rlhf_tasks.config import EvaluateSection, ModelConfig, Params
 from rlhf_tasks.errors import ConfigError
-from rlhf_tasks.training import load_tokenizer, prompt_messages, read_jsonl, write_json
+from rlhf_tasks.training import (
+    load_tokenizer,
+    model_kwargs,
+    prompt_messages,
+    read_jsonl,
+    write_json,
+)
 
 DEFAULT_OUT = Path("artifacts/evaluate")
 PROMPTS = validate.DEFAULT_OUT / "data" / "prompts_heldout.jsonl"
@@ -104,14 +110,14 @@ def win_rate(a: list[float], b: list[float]) -> float:
 Judge = Callable[[list[str], list[str]], list[float]]
 
 
-def judge(cfg: EvaluateSection, trust_remote_code: bool = False) -> Judge:
+def judge(cfg: EvaluateSection, model_cfg: ModelConfig | None = None) -> Judge:
     """The configured judge as ``scores = judge(prompts, responses)``: the demo's gold score,
     or the reward model at the path ``cfg.judge``."""
     if cfg.judge == "gold":
         return lambda prompts, texts: [
             demo.gold_score(p, t) for p, t in zip(prompts, texts, strict=True)
         ]
-    model, tokenizer = reward.load_reward_model(cfg.judge, trust_remote_code)
+    model, tokenizer = reward.load_reward_model(cfg.judge, model_cfg)
     return lambda prompts, texts: reward.score(model, tokenizer, prompts, texts, cfg.batch_size)
 
 
@@ -119,7 +125,7 @@ def compare(
     cfg: EvaluateSection,
     models: dict[str, tuple[Any, Any]],
     prompts: str | Path,
-    trust_remote_code: bool = False,
+    model_cfg: ModelConfig | None = None,
 ) -> dict[str, Any]:
     """Two models, ``{name: (model, tokenizer)}``, on the held-out prompts of ``prompts``: the
     same prompts, samples and random stream for each, scored by the configured judge. Returns
@@ -128,7 +134,7 @@ def compare(
     if cfg.judge == "gold":
         _check_demo_prompts([r["prompt"] for r in rows], Path(prompts))
     texts_in = [r["prompt"] for r in rows] * cfg.samples_per_prompt
-    score = judge(cfg, trust_remote_code)
+    score = judge(cfg, model_cfg)
     judged = {
         name: score(texts_in, generate(model.eval(), tokenizer, texts_in, cfg))
         for name, (model, tokenizer) in models.items()
@@ -153,7 +159,7 @@ def run(params: Params, out_dir: Path = DEFAULT_OUT) -> dict[str, Any]:
         pairs=PAIRS,
         history=policy.DEFAULT_OUT / "history.jsonl",
         out_dir=out_dir,
-        trust_remote_code=params.model.trust_remote_code,
+        model_cfg=params.model,
     )
 
 
@@ -167,15 +173,16 @@ def evaluate(
     pairs: str | Path,
     history: str | Path | None = None,
     out_dir: Path = DEFAULT_OUT,
-    trust_remote_code: bool = False,
+    model_cfg: ModelConfig | None = None,
 ) -> dict[str, Any]:
     """Evaluate the model in ``policy_dir`` against the one in ``sft_dir``; write metrics.json,
     report.md and plots to ``out_dir``; return locations and metrics."""
     from transformers import AutoModelForCausalLM
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer = load_tokenizer(str(sft_dir), trust_remote_code, "sft model")
-    scorer, rm_tokenizer = reward.load_reward_model(reward_dir, trust_remote_code)
+    remote = model_kwargs(model_cfg)  # remote code and pickled weights only if params allow
+    tokenizer = load_tokenizer(str(sft_dir), remote["trust_remote_code"], "sft model")
+    scorer, rm_tokenizer = reward.load_reward_model(reward_dir, model_cfg)
     metrics: dict[str, float] = {}
 
     # The reward model on held-out pairs: the annotators' labels, and the gold order.
@@ -203,13 +210,12 @@ def evaluate(
     if cfg.judge == "gold":
         _check_demo_prompts([r["prompt"] for r in prompt_rows], Path(prompts))
     texts_in = [r["prompt"] for r in prompt_rows] * cfg.samples_per_prompt
-    remote = {"trust_remote_code": trust_remote_code}
     models = {
         "sft": AutoModelForCausalLM.from_pretrained(sft_dir, **remote).eval(),
         "policy": AutoModelForCausalLM.from_pretrained(policy_dir, **remote).eval(),
     }
     generations = {name: generate(m, tokenizer, texts_in, cfg) for name, m in models.items()}
-    score = judge(cfg, trust_remote_code)
+    score = judge(cfg, model_cfg)
     judged: dict[str, list[float]] = {}
     for name, texts in generations.items():
         rm = reward.score(scorer, rm_tokenizer, texts_in, texts, cfg.batch_size)

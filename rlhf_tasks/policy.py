@@ -36,6 +36,7 @@ from rlhf_tasks.training import (
     fingerprint,
     load_tokenizer,
     lora_config,
+    model_kwargs,
     prompt_messages,
     read_jsonl,
     remove_checkpoints,
@@ -91,7 +92,7 @@ def run(params: Params, out_dir: Path = DEFAULT_OUT) -> dict[str, Any]:
             prompts=data,
             out_dir=out_dir,
             run_id=run_id,
-            trust_remote_code=params.model.trust_remote_code,
+            model_cfg=params.model,
             on_update=lambda row: _on_update(row, section.total_episodes),
         )
         metrics, resumed = result["metrics"], result["resumed_from_update"]
@@ -148,6 +149,7 @@ def _train_trl(
         section.args,
         output_dir=out_dir / "checkpoints",
         seed=section.seed,
+        model=params.model,
     )
     tokenizer = load_tokenizer(policy, trust, "policy")
     rows = read_jsonl(data, "policy")
@@ -159,7 +161,7 @@ def _train_trl(
 
         dataset = Dataset.from_list([{"prompt": prompt_messages(r["prompt"])} for r in rows])
         scorer = AutoModelForSequenceClassification.from_pretrained(
-            reward_model, trust_remote_code=trust
+            reward_model, **model_kwargs(params.model)
         )
         extra = {
             "reward_funcs": scorer,

@@ -33,8 +33,13 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from rlhf_tasks.config import PpoSection
-from rlhf_tasks.training import claim_checkpoints, load_tokenizer, lora_config
+from rlhf_tasks.config import ModelConfig, PpoSection
+from rlhf_tasks.training import (
+    claim_checkpoints,
+    load_tokenizer,
+    lora_config,
+    model_kwargs,
+)
 
 
 def response_mask(responses: torch.Tensor, eos_token_id: int) -> torch.Tensor:
@@ -347,7 +352,7 @@ def train(
     out_dir: Path,
     value_model: str | Path | None = None,
     run_id: str = "",
-    trust_remote_code: bool = False,
+    model_cfg: ModelConfig | None = None,
     on_update: Callable[[dict[str, float]], None] | None = None,
 ) -> dict[str, Any]:
     """Run PPO from the model at ``policy`` (also the frozen reference of the KL penalty) against
@@ -358,7 +363,8 @@ def train(
     model directory; a LoRA adapter is merged), the per-update metrics to
     ``out_dir/history.jsonl`` and the final metrics to ``out_dir/metrics.json``. The main
     process calls ``on_update(row)`` with each update's metrics (row["update"] is the step).
-    The result's ``timing`` says where this process's time went (``PhaseClock.report``)."""
+    The result's ``timing`` says where this process's time went (``PhaseClock.report``).
+    Models load as ``model_cfg`` (params' ``model``) allows: see ``training.model_kwargs``."""
     from accelerate import Accelerator
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -367,9 +373,9 @@ def train(
         mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available()
     )
     device = accelerator.device
-    tokenizer = load_tokenizer(str(policy), trust_remote_code, "policy")
+    remote = model_kwargs(model_cfg)  # remote code and pickled weights only if params allow
+    tokenizer = load_tokenizer(str(policy), remote["trust_remote_code"], "policy")
     pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
-    remote = {"trust_remote_code": trust_remote_code}
 
     # Models: the policy; the frozen reference for the KL penalty (a copy of the initial policy,
     # or with LoRA the policy with its adapter disabled); the frozen reward model; the value model.

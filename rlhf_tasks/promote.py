@@ -99,7 +99,7 @@ def _model_uri(client: Any, stage: str, params: Params) -> str:
     model_dir = Path(f"artifacts/{stage}/model")
     if not (model_dir / "config.json").exists():
         raise ConfigError(f"stage promote needs the {stage} model in {model_dir}")
-    return f"models:/{tracking.log_model(stage, model_dir, params.model.trust_remote_code)}"
+    return f"models:/{tracking.log_model(stage, model_dir, params.model)}"
 
 
 def register(params: Params, client: Any, evaluation: dict[str, Any]) -> dict[str, Any]:
@@ -235,24 +235,21 @@ def gate(params: Params, client: Any, version: Any, evaluation: dict[str, Any]) 
 
 def _win_rate_vs_champion(params: Params, name: str, champion_version: str) -> float:
     """The challenger (this run's policy) against the champion, on the held-out prompts."""
-    import mlflow
     from transformers import AutoModelForCausalLM
 
-    from rlhf_tasks.training import load_tokenizer
+    from rlhf_tasks.training import load_tokenizer, model_kwargs
 
-    trust = params.model.trust_remote_code
+    load = model_kwargs(params.model)
     challenger_dir = policy.DEFAULT_OUT / "model"
-    champion = mlflow.transformers.load_model(
-        f"models:/{name}/{champion_version}", return_type="components"
-    )
+    champion = tracking.load_logged_model(f"models:/{name}/{champion_version}", params.model)
     models = {
         "challenger": (
-            AutoModelForCausalLM.from_pretrained(challenger_dir, trust_remote_code=trust),
-            load_tokenizer(str(challenger_dir), trust, "policy"),
+            AutoModelForCausalLM.from_pretrained(challenger_dir, **load),
+            load_tokenizer(str(challenger_dir), load["trust_remote_code"], "policy"),
         ),
         "champion": (champion["model"], champion["tokenizer"]),
     }
-    return evaluate.compare(params.evaluate, models, evaluate.PROMPTS, trust)["win_rate"]
+    return evaluate.compare(params.evaluate, models, evaluate.PROMPTS, params.model)["win_rate"]
 
 
 def _record(client: Any, params: Params, decision: dict[str, Any]) -> None:

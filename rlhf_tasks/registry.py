@@ -106,9 +106,7 @@ def generate(params: Params, prompt: str, ref: str | None = None) -> str:
     client = promote._client()
     mv = resolve(client, ref or f"{promote.model_names(params)['policy']}@{promote.CHAMPION}")
     mlflow.set_tracking_uri(promote.tracking.tracking_uri())
-    components = mlflow.transformers.load_model(
-        f"models:/{mv.name}/{mv.version}", return_type="components"
-    )
+    components = promote.tracking.load_logged_model(f"models:/{mv.name}/{mv.version}", params.model)
     (text,) = evaluate.generate(
         components["model"].eval(), components["tokenizer"], [prompt], params.evaluate
     )

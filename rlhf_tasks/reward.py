@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhf_tasks import sft, validate
-from rlhf_tasks.config import Params
+from rlhf_tasks.config import ModelConfig, Params
 from rlhf_tasks.errors import ConfigError
 from rlhf_tasks.training import (
     checkpoint_to_resume,
@@ -38,6 +38,7 @@ from rlhf_tasks.training import (
     last_logged,
     load_tokenizer,
     lora_config,
+    model_kwargs,
     prompt_messages,
     read_jsonl,
     remove_checkpoints,
@@ -96,7 +97,7 @@ def build_trainer(params: Params, out_dir: Path = DEFAULT_OUT) -> Any:
         cfg.args,
         output_dir=out_dir / "checkpoints",
         seed=cfg.seed,
-        trust_remote_code=params.model.trust_remote_code,
+        model=params.model,
     )
     init = init_location(params)
     rows = read_jsonl(TRAIN, "reward")
@@ -110,15 +111,17 @@ def build_trainer(params: Params, out_dir: Path = DEFAULT_OUT) -> Any:
     )
 
 
-def load_reward_model(location: str | Path, trust_remote_code: bool = False) -> tuple[Any, Any]:
-    """(model, tokenizer) of a saved reward model, in eval mode, on the GPU when there is one."""
+def load_reward_model(
+    location: str | Path, model_cfg: ModelConfig | None = None
+) -> tuple[Any, Any]:
+    """(model, tokenizer) of a saved reward model, in eval mode, on the GPU when there is one;
+    loaded as ``model_cfg`` allows (``training.model_kwargs``)."""
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    tokenizer = load_tokenizer(str(location), trust_remote_code, "reward model")
-    model = AutoModelForSequenceClassification.from_pretrained(
-        location, trust_remote_code=trust_remote_code
-    )
+    load = model_kwargs(model_cfg)
+    tokenizer = load_tokenizer(str(location), load["trust_remote_code"], "reward model")
+    model = AutoModelForSequenceClassification.from_pretrained(location, **load)
     return model.to("cuda" if torch.cuda.is_available() else "cpu").eval(), tokenizer
 
 
@@ -195,7 +198,7 @@ def run(params: Params, out_dir: Path = DEFAULT_OUT) -> dict[str, Any]:
 
     model_dir = out_dir / "model"
     save_plain_model(trainer, model_dir)
-    model, tokenizer = load_reward_model(model_dir, params.model.trust_remote_code)
+    model, tokenizer = load_reward_model(model_dir, params.model)
     held = evaluate(model, tokenizer, heldout, cfg.eval_batch_size)
     state = trainer.state
     # train_loss: the mean over the steps of this call (after a resume, the resumed steps only);

@@ -69,7 +69,7 @@ def build_trainer(params: Params, out_dir: Path = DEFAULT_OUT) -> Any:
         cfg.args,
         output_dir=out_dir / "checkpoints",
         seed=cfg.seed,
-        trust_remote_code=model.trust_remote_code,
+        model=model,
     )
     rows = read_jsonl(DATA, "sft")
     tokenizer = load_tokenizer(model.name_or_path, model.trust_remote_code, "model.name_or_path")

@@ -41,7 +41,8 @@ from typing import Any
 
 import yaml
 
-from rlhf_tasks.config import Params
+from rlhf_tasks.config import ModelConfig, Params
+from rlhf_tasks.errors import ConfigError
 
 ARTIFACTS = Path("artifacts")
 RUNS_DIR = ARTIFACTS / "mlflow_runs"
@@ -274,7 +275,7 @@ def _log_files(stage_dir: Path, since: float) -> None:
             mlflow.log_artifact(str(path))
 
 
-def log_model(stage: str, model_dir: Path, trust_remote_code: bool = False) -> str:
+def log_model(stage: str, model_dir: Path, model_cfg: ModelConfig | None = None) -> str:
     """Log the model in ``model_dir`` to the active run with MLflow's transformers flavor; return
     the logged model's id (what ``promote`` registers).
 
@@ -285,12 +286,13 @@ def log_model(stage: str, model_dir: Path, trust_remote_code: bool = False) -> s
     import mlflow
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from rlhf_tasks.training import load_tokenizer
+    from rlhf_tasks.training import load_tokenizer, model_kwargs
 
     auto = AutoModelForCausalLM if stage == "policy" else AutoModelForSequenceClassification
+    load = model_kwargs(model_cfg)
     components = {
-        "model": auto.from_pretrained(model_dir, trust_remote_code=trust_remote_code),
-        "tokenizer": load_tokenizer(str(model_dir), trust_remote_code, f"{stage} model"),
+        "model": auto.from_pretrained(model_dir, **load),
+        "tokenizer": load_tokenizer(str(model_dir), load["trust_remote_code"], f"{stage} model"),
     }
     info = mlflow.transformers.log_model(
         components,
@@ -300,6 +302,27 @@ def log_model(stage: str, model_dir: Path, trust_remote_code: bool = False) -> s
         pip_requirements=_requirements(),
     )
     return info.model_id
+
+
+def load_logged_model(uri: str, model_cfg: ModelConfig | None = None) -> dict[str, Any]:
+    """The components (``model``, ``tokenizer``) of a model logged by ``log_model``, at ``uri``
+    (``models:/NAME/VERSION``), checked first as the preflight checks a model directory: a
+    registry is shared, and MLflow's loader would run a model's own code and unpickle its
+    weights without asking. A ConfigError unless ``model_cfg`` (params' ``model``) allows it."""
+    import mlflow
+
+    from rlhf_tasks.preflight import check_model_dir, remote_code
+
+    model_cfg = model_cfg or ModelConfig()
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))  # a local store: no copy
+    check_model_dir(local / "model", uri, model_cfg)
+    tokenizer_code = remote_code(local / "components" / "tokenizer")
+    if tokenizer_code and not model_cfg.trust_remote_code:
+        raise ConfigError(
+            f"{uri}: its tokenizer ships its own code ({', '.join(tokenizer_code)}), which "
+            "loading it would run; set model.trust_remote_code=true only if you trust its source"
+        )
+    return mlflow.transformers.load_model(str(local), return_type="components")
 
 
 def _model_card(stage: str, model_dir: Path) -> Any:
@@ -371,7 +394,7 @@ def stage_run(name: str, params: Params, parent_run_id: str | None = None) -> It
         model_id = None
         if name in MODEL_TASKS and "model" in result.get("outputs", {}):
             model_dir = Path(result["outputs"]["model"])
-            model_id = log_model(name, model_dir, params.model.trust_remote_code)
+            model_id = log_model(name, model_dir, params.model)
         record_run(
             name,
             run_id=run.info.run_id,

@@ -6,6 +6,7 @@ Each helper is used by both stages; the stages themselves read top to bottom in 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import hashlib
@@ -17,7 +18,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from rlhf_tasks.config import LoraSection
+from rlhf_tasks.config import LoraSection, ModelConfig
 from rlhf_tasks.errors import ConfigError
 
 # TrainingArguments fields that the stage sets itself, and where the user sets them instead.
@@ -28,6 +29,44 @@ RESERVED_ARGS = {
     "report_to": "experiment tracking is configured by the pipeline, not per stage",
     "resume_from_checkpoint": "the stage resumes from its own last checkpoint by itself",
 }
+
+# Lower bounds of TrainingArguments/TRL fields that neither checks itself (a negative learning
+# rate fails only when the optimiser is built, after the stages before it have run): the key,
+# the bound, and whether the bound itself is allowed. Checked on the keys the user sets.
+LOWER_BOUNDS: dict[str, tuple[float, bool]] = {
+    "learning_rate": (0, True),
+    "num_train_epochs": (0, True),
+    "per_device_train_batch_size": (1, True),
+    "per_device_eval_batch_size": (1, True),
+    "gradient_accumulation_steps": (1, True),
+    "weight_decay": (0, True),
+    "adam_beta1": (0, True),
+    "adam_beta2": (0, True),
+    "adam_epsilon": (0, True),
+    "max_grad_norm": (0, True),
+    "logging_steps": (0, False),
+    "save_steps": (0, False),
+    "eval_steps": (0, False),
+    "dataloader_num_workers": (0, True),
+    "max_length": (1, True),
+    "max_prompt_length": (1, True),
+    "max_completion_length": (1, True),
+    "beta": (0, True),
+    "temperature": (0, False),
+}
+UPPER_BOUNDS: dict[str, float] = {"adam_beta1": 1, "adam_beta2": 1}  # exclusive
+
+
+def model_kwargs(model: ModelConfig | None = None) -> dict[str, Any]:
+    """The keyword arguments of every ``from_pretrained`` that loads model weights: remote code
+    only if ``model.trust_remote_code``, safetensors only unless ``model.allow_pickle``
+    (unpickling a ``pytorch_model.bin`` can run arbitrary code). Tokenizers and configs take
+    ``trust_remote_code`` alone."""
+    model = model or ModelConfig()
+    kwargs: dict[str, Any] = {"trust_remote_code": model.trust_remote_code}
+    if not model.allow_pickle:
+        kwargs["use_safetensors"] = True
+    return kwargs
 
 
 # -- TRL's config classes, from params --------------------------------------------------------
@@ -61,13 +100,52 @@ def _check_type(where: str, value: Any, hint: Any) -> Any:
     return value
 
 
-def trainer_config(
-    cls: type, section: str, args: dict[str, Any], *, output_dir: Path, seed: int, **stage: Any
-) -> Any:
-    """``cls(**args)`` (``trl.SFTConfig``, ``trl.RewardConfig``), with every key checked first.
+def _check_bounds(where: str, key: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or key not in LOWER_BOUNDS:
+        return
+    low, inclusive = LOWER_BOUNDS[key]
+    if value < low or (value == low and not inclusive):
+        raise ConfigError(f"{where}: must be {'>=' if inclusive else '>'} {low}, got {value!r}")
+    if key in UPPER_BOUNDS and value >= UPPER_BOUNDS[key]:
+        raise ConfigError(f"{where}: must be < {UPPER_BOUNDS[key]}, got {value!r}")
 
-    An unknown key, a key the stage sets itself or a wrong scalar type is a ConfigError naming
-    ``<section>.args.<key>``. ``stage`` holds further values the stage sets (trust_remote_code).
+
+def _init_kwargs(section: str, value: Any, model: ModelConfig | None) -> dict[str, Any]:
+    """``model_init_kwargs`` (what TRL passes to ``from_pretrained`` when it loads the model
+    itself) with this project's loading rules; the user's own keys are kept."""
+    where = f"{section}.args.model_init_kwargs"
+    if isinstance(value, str):  # TrainingArguments accepts a JSON string for dict fields
+        with contextlib.suppress(ValueError):
+            value = json.loads(value)
+    if not isinstance(value, dict | None):
+        raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+    for key, param in {
+        "trust_remote_code": "trust_remote_code",
+        "use_safetensors": "allow_pickle",
+    }.items():
+        if key in (value or {}):
+            raise ConfigError(f"{where}.{key}: set model.{param}")
+    loading = model_kwargs(model)
+    loading.pop("trust_remote_code")  # TRL takes it from the config's own trust_remote_code
+    return {**(value or {}), **loading}
+
+
+def trainer_config(
+    cls: type,
+    section: str,
+    args: dict[str, Any],
+    *,
+    output_dir: Path,
+    seed: int,
+    model: ModelConfig | None = None,
+    **stage: Any,
+) -> Any:
+    """``cls(**args)`` (``trl.SFTConfig``, ``trl.RewardConfig``, ...), every key checked first.
+
+    An unknown key, a key the stage sets itself, a wrong scalar type or a value out of range (a
+    negative learning rate) is a ConfigError naming ``<section>.args.<key>``. The model TRL
+    loads is loaded as ``model`` says (``trust_remote_code``, ``allow_pickle``: see
+    ``model_kwargs``); ``stage`` holds further values the stage sets.
     """
     import torch
 
@@ -85,8 +163,15 @@ def trainer_config(
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise ConfigError(f"{where}: unknown key, not a field of trl.{cls.__name__}{hint}")
         checked[key] = _check_type(where, value, hints[key])
+        _check_bounds(where, key, checked[key])
     # CPU when there is no CUDA device (the demo); the user may also ask for it on a GPU machine.
     checked["use_cpu"] = bool(checked.get("use_cpu")) or not torch.cuda.is_available()
+    if "model_init_kwargs" in fields:
+        checked["model_init_kwargs"] = _init_kwargs(
+            section, checked.get("model_init_kwargs"), model
+        )
+    if "trust_remote_code" in fields:
+        stage.setdefault("trust_remote_code", model_kwargs(model)["trust_remote_code"])
     try:
         return cls(
             output_dir=str(output_dir),
