@@ -28,12 +28,13 @@ from typing import Any
 from prefect import flow, task
 from prefect.concurrency.sync import concurrency
 from prefect.filesystems import LocalFileSystem
+from prefect.states import Failed, State
 
 from flows import reports
 from flows.api import server_api
 from rlhf_tasks import cache, preflight, tracking
 from rlhf_tasks.config import DEFAULT_PARAMS, Params, load_params
-from rlhf_tasks.errors import ConfigError
+from rlhf_tasks.errors import ConfigError, UserError
 from rlhf_tasks.stages import STAGES, run_stage
 
 TRAINING = {"sft", "reward", "policy"}
@@ -61,7 +62,20 @@ def _stage_task(name: str, params: Params, cache_key: str, reuse: bool, storage:
     )
 
 
-def _run_with_slots(name: str, params: Params, parent_run_id: str) -> dict[str, Any]:
+def _run_with_slots(name: str, params: Params, parent_run_id: str) -> Any:
+    try:
+        return _run_in_slot(name, params, parent_run_id)
+    except UserError as exc:
+        return _user_failure(exc)
+
+
+def _user_failure(exc: UserError) -> State:
+    """A failed state for a user's mistake (bad data, bad config): its message, without the
+    traceback Prefect would log for an exception, which tells the user nothing more."""
+    return Failed(message=f"{type(exc).__name__}: {exc}", data=exc)
+
+
+def _run_in_slot(name: str, params: Params, parent_run_id: str) -> dict[str, Any]:
     orch = params.orchestration
     limit = (
         orch.gpu_limit if name in TRAINING else orch.promotion_limit if name == "promote" else None
@@ -108,6 +122,13 @@ def _ensure_limits(params: Params) -> None:
 def rlhf_pipeline(
     params_path: str = str(DEFAULT_PARAMS), overrides: list[str] | None = None
 ) -> dict[str, Any]:
+    try:
+        return _pipeline(params_path, overrides)
+    except UserError as exc:
+        return _user_failure(exc)
+
+
+def _pipeline(params_path: str, overrides: list[str] | None) -> dict[str, Any]:
     params = load_params(params_path, overrides or [])
     unknown = set(params.orchestration.timeouts) - set(STAGES)
     if unknown:
