@@ -98,7 +98,9 @@ def _parser() -> argparse.ArgumentParser:
     _common(p)
 
     p = sub.add_parser("ingest", help="validate a batch of preference pairs and add it to data/")
-    p.add_argument("batch", help="a file of preference pairs (.jsonl, .json, .csv, .parquet)")
+    p.add_argument(
+        "batch", help="a file (.jsonl, .json, .csv, .parquet) or directory of preference pairs"
+    )
     p.add_argument("--no-commit", action="store_true", help="do not git commit data.dvc")
     p.add_argument("--no-push", action="store_true", help="do not dvc push")
     p.add_argument(
@@ -331,8 +333,8 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     from flows.api import temporary_api
 
     with project_lock("ingest"):
-        if not Path(args.batch).is_file():
-            raise ConfigError(f"{args.batch}: no such file")
+        if not Path(args.batch).exists():
+            raise ConfigError(f"{args.batch}: no such file or directory")
         with temporary_api() as api:
             from flows.ingest import rlhf_ingest
 
