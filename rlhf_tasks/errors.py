@@ -23,3 +23,14 @@ class BusyError(UserError):
     """Another run holds the project (exit code 3): ``rlhf run`` and ``rlhf ingest`` take turns."""
 
     exit_code = 3
+
+
+class ResourceError(UserError):
+    """Something the run relies on failed, not its inputs (exit code 4): the message names it,
+    the cause, and what was left as it was."""
+
+    exit_code = 4
+
+
+class CheckpointError(ResourceError):
+    """A checkpoint could not be written (a full disk, an I/O error); earlier ones are intact."""

@@ -33,6 +33,7 @@ from rlhf_tasks.config import Params
 from rlhf_tasks.errors import ConfigError
 from rlhf_tasks.training import (
     checkpoint_to_resume,
+    discard_checkpoints,
     fingerprint,
     load_tokenizer,
     lora_config,
@@ -95,6 +96,8 @@ def run(params: Params, out_dir: Path = DEFAULT_OUT) -> dict[str, Any]:
             model_cfg=params.model,
             on_update=lambda row: _on_update(row, section.total_episodes),
         )
+        if launch.is_main():  # every process is done with them: ppo.train waited for all
+            discard_checkpoints(out_dir / "checkpoints")
         metrics, resumed = result["metrics"], result["resumed_from_update"]
         processes = result["num_processes"]
         profile = {f"ppo/time/{k}": round(v, 3) for k, v in result["timing"].items()}
@@ -175,7 +178,8 @@ def _train_trl(
         peft_config=lora_config(section.lora, "CAUSAL_LM"),
         **extra,
     )
-    resume = checkpoint_to_resume(out_dir / "checkpoints", run_id)
+    resume = checkpoint_to_resume(out_dir / "checkpoints", run_id, trainer)
+    start = resumed_step(resume)  # before training: the Trainer rotates that checkpoint out
     trainer.train(resume_from_checkpoint=resume)
     save_plain_model(trainer, out_dir / "model")
 
@@ -194,4 +198,4 @@ def _train_trl(
             fh.writelines(json.dumps(row) + "\n" for row in history)
         write_json(out_dir / "metrics.json", metrics)
     remove_checkpoints(trainer, out_dir / "checkpoints")
-    return metrics, resumed_step(resume), trainer.accelerator.num_processes
+    return metrics, start, trainer.accelerator.num_processes

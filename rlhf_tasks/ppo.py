@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -35,6 +36,7 @@ from tqdm.auto import tqdm
 
 from rlhf_tasks.config import ModelConfig, PpoSection
 from rlhf_tasks.training import (
+    checkpoint_error,
     claim_checkpoints,
     load_tokenizer,
     lora_config,
@@ -285,6 +287,16 @@ def _checkpoint_dirs(out_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
+def _fsync(directory: Path) -> None:
+    """Flush a directory's files and the directory itself to disk."""
+    for path in [*directory.iterdir(), directory]:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 @dataclass
 class _State:
     """What a checkpoint holds besides the metrics: everything an update changes."""
@@ -310,25 +322,31 @@ class _State:
         from safetensors.torch import save_model
 
         tmp = path.with_name(path.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        for name in ("policy", "value_model"):
-            save_model(self._plain(name), str(tmp / f"{name}.safetensors"))  # LoRA, tied or not
-        torch.save(
-            {
-                "policy_opt": self.policy_opt.state_dict(),
-                "value_opt": self.value_opt.state_dict(),
-                "policy_sched": self.policy_sched.state_dict(),
-                "value_sched": self.value_sched.state_dict(),
-                "kl_ctl": self.kl_ctl.state_dict(),
-                "update": int(path.name.split("-")[1]),
-            },
-            tmp / "state.pt",
-        )
-        (tmp / "history.json").write_text(json.dumps(history))
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            for name in ("policy", "value_model"):
+                save_model(self._plain(name), str(tmp / f"{name}.safetensors"))  # LoRA or not
+            torch.save(
+                {
+                    "policy_opt": self.policy_opt.state_dict(),
+                    "value_opt": self.value_opt.state_dict(),
+                    "policy_sched": self.policy_sched.state_dict(),
+                    "value_sched": self.value_sched.state_dict(),
+                    "kl_ctl": self.kl_ctl.state_dict(),
+                    "update": int(path.name.split("-")[1]),
+                },
+                tmp / "state.pt",
+            )
+            (tmp / "history.json").write_text(json.dumps(history))
+            _fsync(tmp)  # on disk before it is renamed into place, not only in the page cache
+        except Exception as exc:  # a full disk: OSError, or torch.save's RuntimeError
+            shutil.rmtree(tmp, ignore_errors=True)
+            previous = _checkpoint_dirs(path.parent.parent)
+            raise checkpoint_error(path, exc, previous[-1] if previous else None) from exc
         shutil.rmtree(path, ignore_errors=True)
         tmp.rename(path)
-        for old in _checkpoint_dirs(path.parent)[:-keep]:
+        for old in _checkpoint_dirs(path.parent.parent)[:-keep]:  # path: out/checkpoints/update-N
             shutil.rmtree(old)
 
     def load(self, path: Path) -> tuple[int, list[dict]]:

@@ -193,7 +193,8 @@ def run(params: Params, out_dir: Path = DEFAULT_OUT) -> dict[str, Any]:
         reward=cfg.model_dump(),
         model=params.model.model_dump(),
     )
-    resume = checkpoint_to_resume(out_dir / "checkpoints", run_id)
+    resume = checkpoint_to_resume(out_dir / "checkpoints", run_id, trainer)
+    start = resumed_step(resume)  # before training: the Trainer rotates that checkpoint out
     result = trainer.train(resume_from_checkpoint=resume)
 
     model_dir = out_dir / "model"
@@ -220,7 +221,7 @@ def run(params: Params, out_dir: Path = DEFAULT_OUT) -> dict[str, Any]:
         "reward_model/train_samples_per_second": round(
             result.metrics["train_samples_per_second"], 2
         ),
-        "reward_model/resumed_from_step": resumed_step(resume),
+        "reward_model/resumed_from_step": start,
     }
     if trainer.is_world_process_zero():
         write_json(out_dir / "metrics.json", metrics)

@@ -94,7 +94,8 @@ def run(params: Params, out_dir: Path = DEFAULT_OUT) -> dict[str, Any]:
         sft=cfg.model_dump(),
         model=params.model.model_dump(),
     )
-    resume = checkpoint_to_resume(out_dir / "checkpoints", run_id)
+    resume = checkpoint_to_resume(out_dir / "checkpoints", run_id, trainer)
+    start = resumed_step(resume)  # before training: the Trainer rotates that checkpoint out
     result = trainer.train(resume_from_checkpoint=resume)
 
     model_dir = out_dir / "model"
@@ -117,7 +118,7 @@ def run(params: Params, out_dir: Path = DEFAULT_OUT) -> dict[str, Any]:
     timing = {
         "sft/train_runtime_s": round(result.metrics["train_runtime"], 2),
         "sft/train_samples_per_second": round(result.metrics["train_samples_per_second"], 2),
-        "sft/resumed_from_step": resumed_step(resume),
+        "sft/resumed_from_step": start,
         "sft/num_processes": trainer.accelerator.num_processes,
     }
     if trainer.is_world_process_zero():

@@ -31,6 +31,7 @@ import functools
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -363,6 +364,7 @@ def stage_run(name: str, params: Params, parent_run_id: str | None = None) -> It
     """
     import mlflow
 
+    _tracked_removals.clear()
     configure(params)
     started = time.time()
     tags = {**lineage(params), "rlhf.stage": name}
@@ -402,6 +404,17 @@ def stage_run(name: str, params: Params, parent_run_id: str | None = None) -> It
             tracking_uri=tracking_uri(),
             model_id=model_id,
         )
+    for path in _tracked_removals:  # the stage and its run are complete
+        shutil.rmtree(path, ignore_errors=True)
+
+
+_tracked_removals: list[Path] = []
+
+
+def remove_when_tracked(path: Path) -> None:
+    """Remove ``path`` (a stage's checkpoints) once the stage's MLflow run is complete, rather
+    than now: if tracking fails, the rerun resumes from them instead of training again."""
+    _tracked_removals.append(path)
 
 
 def note_cached(stage: str) -> None:

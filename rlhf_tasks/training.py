@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhf_tasks.config import LoraSection, ModelConfig
-from rlhf_tasks.errors import ConfigError
+from rlhf_tasks.errors import CheckpointError, ConfigError
 
 # TrainingArguments fields that the stage sets itself, and where the user sets them instead.
 RESERVED_ARGS = {
@@ -291,29 +291,117 @@ def claim_checkpoints(checkpoints: Path, run_id: str) -> bool:
     return False
 
 
-def checkpoint_to_resume(checkpoints: Path, run_id: str) -> str | None:
-    """The last Trainer checkpoint in ``checkpoints`` if it belongs to this run (``run_id``)."""
-    from transformers.trainer_utils import get_last_checkpoint
-
+def checkpoint_to_resume(checkpoints: Path, run_id: str, trainer: Any = None) -> str | None:
+    """The last complete Trainer checkpoint in ``checkpoints`` if it belongs to this run
+    (``run_id``); incomplete ones after it are removed. With ``trainer``, its checkpoint writes
+    are guarded too (``guard_checkpoint_writes``)."""
+    if trainer is not None:
+        guard_checkpoint_writes(trainer, checkpoints)
     if not claim_checkpoints(checkpoints, run_id):
         return None
-    last = get_last_checkpoint(str(checkpoints))
+    last = last_complete_checkpoint(checkpoints, remove_incomplete=True)
     if last:
         print(f"resuming from {last}")
-    return last
+    return str(last) if last else None
+
+
+# The file Trainer._save_checkpoint writes last, after the weights, optimizer, scheduler and RNG
+# states (transformers 5.24): a checkpoint without it was cut off while it was being written.
+TRAINER_STATE = "trainer_state.json"
+_CHECKPOINT = re.compile(r"checkpoint-(\d+)")
+
+
+def _complete_step(path: Path) -> int | None:
+    """The global step of the Trainer checkpoint in ``path`` if it is complete, else None."""
+    try:
+        state = json.loads((path / TRAINER_STATE).read_text())
+        return int(state["global_step"])
+    except (OSError, ValueError, KeyError, TypeError):  # missing, truncated, or not a state
+        return None
+
+
+def last_complete_checkpoint(checkpoints: Path, remove_incomplete: bool = False) -> Path | None:
+    """The Trainer checkpoint of the highest step that is complete: its ``trainer_state.json``
+    (written last) reads, and names the step of the directory. transformers' own
+    ``get_last_checkpoint`` takes the highest ``checkpoint-N`` whatever it holds, so a run killed
+    (or out of disk) while writing one would resume from half a checkpoint, or fail to.
+    ``remove_incomplete``: remove the incomplete ones found after the last complete one."""
+    if not checkpoints.is_dir():
+        return None
+    found = sorted(
+        (int(match.group(1)), path)
+        for path in checkpoints.iterdir()
+        if path.is_dir() and (match := _CHECKPOINT.fullmatch(path.name))
+    )
+    for step, path in reversed(found):
+        if _complete_step(path) == step:
+            return path
+        if remove_incomplete:
+            print(f"{path}: incomplete (the run stopped while writing it); removed")
+            shutil.rmtree(path, ignore_errors=True)
+    return None
+
+
+def checkpoint_error(path: Path, exc: BaseException, previous: Path | None) -> CheckpointError:
+    """The error of a checkpoint that could not be written: which, why, and what is left."""
+    kept = (
+        f"the previous checkpoint, {previous}, is intact and a rerun resumes from it"
+        if previous
+        else "there is no earlier checkpoint: a rerun starts the stage from the beginning"
+    )
+    return CheckpointError(
+        f"could not write checkpoint {path}: {type(exc).__name__}: {exc}; {kept} once the cause "
+        "is fixed"
+    )
+
+
+def guard_checkpoint_writes(trainer: Any, checkpoints: Path) -> None:
+    """Make a Trainer checkpoint that cannot be written (a full disk: an OSError, or the
+    RuntimeError torch.save raises for it) fail the stage with a CheckpointError naming the
+    checkpoint, the cause and the previous checkpoint; what was written of it is removed. The
+    older checkpoints are untouched: the Trainer rotates them out only after a complete save."""
+
+    def save(model: Any, trial: Any) -> None:
+        step = trainer.state.global_step
+        path = checkpoints / f"checkpoint-{step}"
+        try:
+            type(trainer)._save_checkpoint(trainer, model, trial)
+        except Exception as exc:
+            if _complete_step(path) == step:
+                raise  # the checkpoint was written; whatever failed after it is not about it
+            if trainer.args.should_save:
+                shutil.rmtree(path, ignore_errors=True)
+            raise checkpoint_error(path, exc, last_complete_checkpoint(checkpoints)) from exc
+
+    trainer._save_checkpoint = save  # the instance's: Trainer calls self._save_checkpoint
 
 
 def resumed_step(checkpoint: str | None) -> int:
-    """The global step a run resumed from (0: it started from the beginning)."""
+    """The global step of the checkpoint a run resumes from (0: none). Read it before training:
+    the Trainer rotates that checkpoint out once it has saved newer ones."""
     if checkpoint is None:
         return 0
-    return int(json.loads((Path(checkpoint) / "trainer_state.json").read_text())["global_step"])
+    return int(json.loads((Path(checkpoint) / TRAINER_STATE).read_text())["global_step"])
 
 
 def remove_checkpoints(trainer: Any, checkpoints: Path) -> None:
-    """A completed run's checkpoints are of no further use: its model is saved."""
+    """A completed Trainer run's checkpoints, when every process is done with them (see
+    ``discard_checkpoints``)."""
     trainer.accelerator.wait_for_everyone()
     if trainer.accelerator.is_main_process:
+        discard_checkpoints(checkpoints)
+
+
+def discard_checkpoints(checkpoints: Path) -> None:
+    """A completed run's checkpoints are of no further use once its model is saved and, when the
+    stage is tracked, logged: removed now, or by ``tracking.stage_run`` once the stage's MLflow
+    run is complete. (A tracking server that fails after training then costs no training: the
+    rerun resumes from the last checkpoint, the end of training.)"""
+    from rlhf_tasks import tracking
+
+    if tracking.active():
+        tracking.remove_when_tracked(checkpoints)
+    else:
         shutil.rmtree(checkpoints, ignore_errors=True)
 
 

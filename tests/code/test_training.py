@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -80,8 +81,8 @@ def test_checkpoints_are_resumed_only_by_the_same_run(tmp_path: Path):
     run = fingerprint(inputs=[str(data)], args={"learning_rate": 0.1})
 
     assert checkpoint_to_resume(checkpoints, run) is None  # nothing yet
-    (checkpoints / "checkpoint-5").mkdir()
-    (checkpoints / "checkpoint-10").mkdir()
+    _checkpoint(checkpoints, 5)
+    _checkpoint(checkpoints, 10)
     assert checkpoint_to_resume(checkpoints, run) == str(checkpoints / "checkpoint-10")
 
     # Other params, or other data: the old checkpoints are removed, not resumed.
@@ -89,8 +90,37 @@ def test_checkpoints_are_resumed_only_by_the_same_run(tmp_path: Path):
     assert other != run
     assert checkpoint_to_resume(checkpoints, other) is None
     assert not (checkpoints / "checkpoint-10").exists()
-    (checkpoints / "checkpoint-3").mkdir()
+    _checkpoint(checkpoints, 3)
     data.write_text('{"prompt": "a", "completion": "c"}\n')
     assert fingerprint(inputs=[str(data)], args={"learning_rate": 0.2}) != other
     assert checkpoint_to_resume(checkpoints, run) is None
     assert list(checkpoints.iterdir()) == [checkpoints / "run_id"]
+
+
+def _checkpoint(checkpoints: Path, step: int, state: str | None = None) -> Path:
+    """A Trainer checkpoint directory; ``state``: its trainer_state.json as written (default:
+    complete)."""
+    path = checkpoints / f"checkpoint-{step}"
+    path.mkdir(parents=True)
+    (path / "model.safetensors").write_bytes(b"weights")
+    if state is None:
+        state = json.dumps({"global_step": step})
+    if state:
+        (path / "trainer_state.json").write_text(state)
+    return path
+
+
+def test_only_a_complete_checkpoint_is_resumed(tmp_path: Path, capsys):
+    """transformers writes trainer_state.json last: a checkpoint without it (or with a truncated
+    one, or with another step's) was cut off while being written, and is removed, not resumed."""
+    checkpoints = tmp_path / "checkpoints"
+    assert checkpoint_to_resume(checkpoints, "run") is None
+    _checkpoint(checkpoints, 2)
+    _checkpoint(checkpoints, 4, state='{"global_st')  # truncated
+    _checkpoint(checkpoints, 6, state="")  # no trainer_state.json
+    _checkpoint(checkpoints, 8, state=json.dumps({"global_step": 7}))
+    assert checkpoint_to_resume(checkpoints, "run") == str(checkpoints / "checkpoint-2")
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-2", "run_id"]
+    out = capsys.readouterr().out
+    assert f"{checkpoints / 'checkpoint-6'}: incomplete" in out
+    assert f"resuming from {checkpoints / 'checkpoint-2'}" in out
