@@ -112,6 +112,18 @@ def _responses(ds: Dataset) -> tuple[str, ...]:
     return tuple(c for c in ds.text_columns if c != "prompt")
 
 
+def _backend(tokenizer: Any) -> Any:
+    """The Rust tokenizer of a fast tokenizer, adding special tokens as ``tokenizer(text)``
+    does."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise ConfigError(
+            "validate.checks.length_tokens needs a fast (Rust) tokenizer; this model has none, "
+            "set -S validate.checks.length_tokens=off"
+        )
+    return backend
+
+
 def _add_helper_columns(
     ds: Dataset,
     tokenizer: Any,
@@ -128,21 +140,15 @@ def _add_helper_columns(
     complete = frame.index[frame["_complete"]]
     if tokenizer is not None:
         # Tokens of prompt + response, as the trainers will see them (special tokens included).
+        text = frame.loc[complete, list(ds.text_columns)]
+        text = text[text.map(lambda v: isinstance(v, str)).all(axis=1)]
         for response in _responses(ds) or (None,):
-            rows = [
-                i
-                for i in complete
-                if isinstance(frame.at[i, "prompt"], str)
-                and (response is None or isinstance(frame.at[i, response], str))
-            ]
-            texts = [
-                f"{frame.at[i, 'prompt']} {frame.at[i, response] if response else ''}".rstrip()
-                for i in rows
-            ]
+            joined = text["prompt"] if response is None else text["prompt"] + " " + text[response]
             counts = pd.Series(None, index=frame.index, dtype=object)
-            if texts:
-                ids = tokenizer(texts, add_special_tokens=True, verbose=False)["input_ids"]
-                counts.loc[rows] = [len(tokens) for tokens in ids]
+            if len(joined):
+                # The backend tokenizer: only the lengths are needed, not Python lists of ids.
+                encodings = _backend(tokenizer).encode_batch(joined.str.rstrip().tolist())
+                counts.loc[joined.index] = [len(e.ids) for e in encodings]
             frame[f"_tokens_{response or 'prompt'}"] = counts
     if heldout_prompts is not None:
         frame["_heldout_prompt"] = [
