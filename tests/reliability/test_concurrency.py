@@ -1,5 +1,8 @@
-"""One `rlhf run` or `rlhf ingest` at a time per project: a second is refused at once (exit 3)
-and says who holds the project; a finished or killed holder leaves no lock behind."""
+"""Concurrency: one `rlhf run` or `rlhf ingest` at a time per project. A second is refused at
+once (exit 3, before it reads data, trains or touches the registry, so two runs can never race on
+artifacts/, data/ or the champion/challenger aliases) and says who holds the project; a finished
+or killed holder leaves no lock behind. (Against a Prefect server, runs of several projects
+share the GPU and promotion concurrency limits: tests/flows/test_team_scale.py.)"""
 
 from __future__ import annotations
 
