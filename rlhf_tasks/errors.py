@@ -34,3 +34,7 @@ class ResourceError(UserError):
 
 class CheckpointError(ResourceError):
     """A checkpoint could not be written (a full disk, an I/O error); earlier ones are intact."""
+
+
+class TrackingServerError(ResourceError):
+    """The MLflow tracking server did not answer, even after retrying."""

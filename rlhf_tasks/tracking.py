@@ -43,7 +43,7 @@ from typing import Any
 import yaml
 
 from rlhf_tasks.config import ModelConfig, Params
-from rlhf_tasks.errors import ConfigError
+from rlhf_tasks.errors import ConfigError, TrackingServerError
 
 ARTIFACTS = Path("artifacts")
 RUNS_DIR = ARTIFACTS / "mlflow_runs"
@@ -54,6 +54,16 @@ _LOGGED_SUFFIXES = {".json", ".jsonl", ".md", ".png"}
 
 # Privacy by default: MLflow's usage telemetry stays off unless the user turns it on.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+# A tracking server that goes away: each request is retried with exponential backoff for about a
+# minute (after 0, 4, 8, 16 and 32 s), so a server restart is waited for and a longer outage
+# fails the run in bounded time (``server_errors``). MLflow's own defaults (7 retries, factor 2,
+# a 120 s timeout) wait over 4 minutes per request, and a failing run makes several. Set these
+# variables to choose otherwise.
+RETRIES, BACKOFF = "MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"
+HTTP_DEFAULTS = {RETRIES: "5", BACKOFF: "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "60"}
+for _var, _value in HTTP_DEFAULTS.items():
+    os.environ.setdefault(_var, _value)
 
 
 def tracking_uri() -> str:
@@ -87,7 +97,84 @@ def configure(params: Params) -> None:
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri())
-    mlflow.set_experiment(params.tracking.experiment)
+    with server_errors(""):
+        mlflow.set_experiment(params.tracking.experiment)
+
+
+# -- a tracking server that does not answer ------------------------------------------------------
+
+_guarded = [0]  # how deep this process is in server_errors blocks
+
+
+def _chain(exc: BaseException | None) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def _unanswered(exc: BaseException) -> BaseException | None:
+    """The innermost cause if ``exc`` is MLflow's client giving up on a request to the tracking
+    server (refused, timed out, or answered with errors, after its retries); else None."""
+    uri = tracking_uri()
+    if not uri.startswith(("http://", "https://")):
+        return None
+    chain = list(_chain(exc))
+    from mlflow.exceptions import MlflowException
+
+    if any(
+        isinstance(e, MlflowException) and str(e).startswith(f"API request to {uri.rstrip('/')}")
+        for e in chain
+    ):
+        return chain[-1]
+    return None
+
+
+@contextlib.contextmanager
+def server_errors(what: str) -> Iterator[None]:
+    """Turn MLflow's client giving up on the tracking server into a TrackingServerError that
+    names the server and the cause. From then on this process's requests are not retried (the
+    runs it still ends would each wait the whole backoff again, for a run that has failed);
+    the outermost block puts the retries back when it ends."""
+    retries = os.environ.get(RETRIES)
+    _guarded[0] += 1
+    try:
+        yield
+    except Exception as exc:
+        first = next((e for e in _chain(exc) if isinstance(e, TrackingServerError)), None)
+        if first is not None and first is not exc:
+            raise first from None  # the first failure, not that of ending a run after it
+        cause = None if first is not None else _unanswered(exc)
+        if cause is None:
+            raise
+        os.environ[RETRIES] = "0"
+        raise TrackingServerError(_unanswered_message(what, cause, retries)) from exc
+    finally:
+        _guarded[0] -= 1
+        if _guarded[0] == 0 and os.environ.get(RETRIES) == "0" and retries != "0":
+            with contextlib.suppress(Exception):  # what is queued fails now, not at exit
+                import mlflow
+
+                mlflow.flush_async_logging()
+            if retries is None:
+                os.environ.pop(RETRIES, None)
+            else:
+                os.environ[RETRIES] = retries
+
+
+def _unanswered_message(what: str, cause: BaseException, retries: str | None) -> str:
+    tries = int(retries or 7)  # MLflow's own default
+    factor = int(os.environ.get(BACKOFF) or 2)
+    waited = factor * max(2**tries - 2, 0)
+    reason = str(cause).strip() or type(cause).__name__
+    server = redact_url(tracking_uri())
+    return (
+        f"{what}: " * bool(what) + f"the MLflow tracking server at {server} did not answer "
+        f"({reason[:200]}), retried {tries} times over about {waited} s ({RETRIES}, {BACKOFF}). "
+        "Once it is back, run again: the stages that completed are reused, and training "
+        "resumes from its last checkpoint"
+    )
 
 
 def active() -> bool:
@@ -236,13 +323,14 @@ def pipeline_run(params: Params, params_file: str | Path | None = None) -> Itera
     """The parent run of one pipeline run: lineage tags, every param, the params file."""
     import mlflow
 
-    configure(params)
-    tags = {**lineage(params), "rlhf.stage": "pipeline"}
-    with _start("rlhf_pipeline", tags, None) as run:
-        mlflow.log_params(flatten(params.model_dump(mode="json", by_alias=True)))
-        if params_file and Path(params_file).exists():
-            mlflow.log_artifact(str(params_file))
-        yield run
+    with server_errors("the pipeline's MLflow run"):
+        configure(params)
+        tags = {**lineage(params), "rlhf.stage": "pipeline"}
+        with _start("rlhf_pipeline", tags, None) as run, server_errors("the pipeline"):
+            mlflow.log_params(flatten(params.model_dump(mode="json", by_alias=True)))
+            if params_file and Path(params_file).exists():
+                mlflow.log_artifact(str(params_file))
+            yield run
 
 
 def _log_inputs(name: str, params: Params) -> None:
@@ -360,8 +448,15 @@ def stage_run(name: str, params: Params, parent_run_id: str | None = None) -> It
     On success the run gets the result's metrics, the stage's fresh files, its model (reward,
     policy) and ``artifacts/mlflow_runs/<name>.json``. On failure the run ends FAILED with the
     files the stage did write (a failed gate's report) and no model; the record keeps pointing
-    at the last run that succeeded.
+    at the last run that succeeded. A tracking server that does not answer fails the stage with
+    a TrackingServerError (``server_errors``).
     """
+    with server_errors(f"stage {name}"), _stage_run(name, params, parent_run_id) as result:
+        yield result
+
+
+@contextlib.contextmanager
+def _stage_run(name: str, params: Params, parent_run_id: str | None) -> Iterator[dict]:
     import mlflow
 
     _tracked_removals.clear()
@@ -377,12 +472,13 @@ def stage_run(name: str, params: Params, parent_run_id: str | None = None) -> It
     tags["rlhf.upstream_runs"] = json.dumps(upstream, sort_keys=True)
     stage_dir = ARTIFACTS / name
     result: dict[str, Any] = {}
-    with _start(name, tags, parent_run_id) as run:
+    with _start(name, tags, parent_run_id) as run, server_errors(f"stage {name}"):
         dump = params.model_dump(mode="json", by_alias=True)
         mlflow.log_params(flatten({s: dump[s] for s in stage_sections(name) if s in dump}))
         _log_inputs(name, params)
         try:
-            yield result
+            with server_errors(f"stage {name}"):  # before _log_files: it would wait again
+                yield result
         finally:
             _log_files(stage_dir, started)
         mlflow.flush_async_logging()  # the trainers' per-step metrics, logged asynchronously
