@@ -32,6 +32,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -98,7 +99,10 @@ def configure(params: Params) -> None:
 
     mlflow.set_tracking_uri(tracking_uri())
     with server_errors(""):
-        mlflow.set_experiment(params.tracking.experiment)
+        _experiment["id"] = mlflow.set_experiment(params.tracking.experiment).experiment_id
+
+
+_experiment: dict[str, str] = {}  # the experiment configure() set
 
 
 # -- a tracking server that does not answer ------------------------------------------------------
@@ -313,9 +317,53 @@ def _start(run_name: str, tags: dict[str, str], parent_run_id: str | None) -> An
     import mlflow
 
     nested = mlflow.active_run() is not None
+    if not nested and parent_run_id is None:
+        end_orphaned_runs()
     return mlflow.start_run(
-        run_name=run_name, nested=nested, parent_run_id=parent_run_id, tags=tags
+        run_name=run_name,
+        nested=nested,
+        parent_run_id=parent_run_id,
+        tags={**tags, PROCESS_TAG: _this_process()},
     )
+
+
+# Which process a run belongs to: host, pid and the process's start time (pids are reused).
+PROCESS_TAG = "rlhf.process"
+
+
+def _this_process() -> str:
+    import psutil
+
+    return f"{socket.gethostname()}:{os.getpid()}:{int(psutil.Process().create_time())}"
+
+
+def end_orphaned_runs() -> list[str]:
+    """End as KILLED the runs still RUNNING in this experiment whose process, on this machine,
+    is gone: a killed ``rlhf run`` (SIGKILL, out of memory, a reboot) cannot end its own runs.
+    Returns their ids. Runs of other machines are left alone: their processes cannot be seen."""
+    import mlflow
+    import psutil
+
+    if "id" not in _experiment:
+        return []
+    host = socket.gethostname()
+    client = mlflow.MlflowClient()
+    runs = client.search_runs(
+        [_experiment["id"]],
+        f"attributes.status = 'RUNNING' and tags.`{PROCESS_TAG}` LIKE '{host}:%'",
+    )
+    ended = []
+    for run in runs:
+        _, pid, started = run.data.tags[PROCESS_TAG].rsplit(":", 2)
+        try:
+            if int(psutil.Process(int(pid)).create_time()) == int(started):
+                continue  # still running
+        except (psutil.Error, ValueError):
+            pass
+        client.set_tag(run.info.run_id, "rlhf.ended", f"KILLED: its process (pid {pid}) was gone")
+        client.set_terminated(run.info.run_id, "KILLED")
+        ended.append(run.info.run_id)
+    return ended
 
 
 @contextlib.contextmanager
