@@ -17,8 +17,11 @@
    tagged ``rlhf.promotion=rejected`` with the reasons, and the champion stays as it was.
 
 Registration and decision are all or nothing: if anything fails after the versions were
-created, they are deleted again, so a failed run leaves the registry as it found it. The
-reward-model version follows its policy version: they carry the same aliases.
+created, they are deleted again, so a failed run leaves the registry as it found it. A promote
+that could not clean up after itself (killed, or cut off from the tracking server half way)
+leaves versions without a decision; the next promote of the same models removes them first
+(``remove_unfinished``). The reward-model version follows its policy version: they carry the
+same aliases.
 
 Every champion change appends to the tag ``rlhf.champion_history`` of the registered policy
 model (version numbers, oldest first); ``rollback`` walks it back.
@@ -39,6 +42,8 @@ from rlhf_tasks.training import write_json
 
 DEFAULT_OUT = Path("artifacts/promote")
 CHAMPION, CHALLENGER = "champion", "challenger"
+DECISION_TAG = "rlhf.promotion"  # set on a policy version once the gate decided on it
+PREVIOUS_CHALLENGER_TAG = "rlhf.previous_challenger"
 HISTORY_TAG = "rlhf.champion_history"
 # Evaluation metrics copied onto the policy version as tags (when the evaluation has them).
 VERSION_METRICS = [
@@ -128,6 +133,8 @@ def register(params: Params, client: Any, evaluation: dict[str, Any]) -> dict[st
             role_tags = dict(tags)
             if role == "policy":
                 role_tags["rlhf.algorithm"] = algorithm
+                if before is not None:  # where challenger goes back to if this is undone
+                    role_tags[PREVIOUS_CHALLENGER_TAG] = str(before.version)
                 role_tags.update(
                     {k: f"{evaluation[k]:.4f}" for k in VERSION_METRICS if k in evaluation}
                 )
@@ -273,6 +280,7 @@ def run(params: Params, out_dir: Path = DEFAULT_OUT) -> dict[str, Any]:
     """The ``promote`` stage: register, gate, record; return the decision and its metrics."""
     evaluation = _read(evaluate.DEFAULT_OUT / "metrics.json", "evaluate")
     client = _client()
+    remove_unfinished(params, client)
     existing = _already_registered(params, client)
     if existing is not None:
         return _unchanged(params, client, existing, out_dir)
@@ -306,14 +314,59 @@ def run(params: Params, out_dir: Path = DEFAULT_OUT) -> dict[str, Any]:
 
 
 def _already_registered(params: Params, client: Any) -> Any | None:
-    """The policy version already registered from the policy stage's current run, if any: a
-    pipeline run whose policy stage was cached made no new model, so there is nothing to add."""
+    """The policy version already registered and decided on from the policy stage's current
+    run, if any: a pipeline run whose policy stage was cached made no new model, so there is
+    nothing to add."""
     record = tracking.recorded_run("policy") or {}
     if not record.get("run_id"):
         return None
     name = model_names(params)["policy"]
     found = client.search_model_versions(f"name = '{name}' and run_id = '{record['run_id']}'")
+    found = [mv for mv in found if DECISION_TAG in mv.tags]
     return max(found, key=lambda mv: int(mv.version)) if found else None
+
+
+def remove_unfinished(params: Params, client: Any) -> None:
+    """Remove the versions of this run's models that an earlier promote registered but never
+    decided on: it was killed, or lost the tracking server, half way, and so could not remove
+    them itself. A policy version is finished once it has its decision (``rlhf.promotion``), a
+    reward-model version once it names its (finished) policy version; ``challenger`` goes back
+    to the version that held it before. The next promote then registers them afresh."""
+    names = model_names(params)
+    removed: set[str] = set()
+    for role in ("policy", "reward"):
+        run_id = (tracking.recorded_run(role) or {}).get("run_id")
+        if not run_id:
+            continue
+        for mv in client.search_model_versions(f"name = '{names[role]}' and run_id = '{run_id}'"):
+            tags, version = mv.tags, str(mv.version)
+            if role == "policy" and DECISION_TAG in tags:
+                continue
+            if role == "reward" and tags.get("rlhf.policy_version") not in (None, *removed):
+                continue
+            challenger = alias_version(client, names[role], CHALLENGER)
+            restore = (
+                role == "policy"
+                and challenger is not None
+                and str(challenger.version) == version
+                and tags.get(PREVIOUS_CHALLENGER_TAG)
+            )
+            client.delete_model_version(names[role], version)
+            if role == "policy":
+                removed.add(version)
+            print(f"{names[role]} version {version}: left undecided by an earlier promote; removed")
+            if restore and _exists(client, names[role], restore):
+                _set_alias(client, params, CHALLENGER, restore)
+
+
+def _exists(client: Any, name: str, version: str) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_model_version(name, version)
+    except MlflowException:
+        return False
+    return True
 
 
 def _unchanged(params: Params, client: Any, version: Any, out_dir: Path) -> dict[str, Any]:
