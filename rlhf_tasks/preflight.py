@@ -14,13 +14,18 @@ more than the params file:
   a model that ships its own code is refused unless ``model.trust_remote_code``, and one whose
   weights are only pickles (``pytorch_model.bin``, ``*.pt``) unless ``model.allow_pickle``.
 
-Cheap: it reads file names and ``config.json``, never weights. ``rlhf run`` and the Prefect flow
-``rlhf_pipeline`` call it before their first stage.
+Cheap: it reads file names and ``config.json``, never weights, and TRL arguments found valid
+are not built again until they, this code or the libraries change (``CHECKED_ARGS``), so an
+`rlhf run` whose stages are all cached does not import TRL for them. ``rlhf run`` and the
+Prefect flow ``rlhf_pipeline`` call it before their first stage.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -36,16 +41,57 @@ NOT_WEIGHTS = {"training_args.bin", "optimizer.pt", "scheduler.pt", "rng_state.p
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 
 
+# TRL arguments that were found valid: the digest of what their check depends on. Building TRL's
+# config classes means importing torch, transformers, peft and TRL (seconds, and more than an
+# `rlhf run` whose stages are all cached needs otherwise), so arguments checked once are not
+# checked again until they, this code or those libraries change. The stages check them anyway.
+CHECKED_ARGS = Path("artifacts/cache/preflight.json")
+
+
 def check(params: Params) -> None:
     """Raise one ConfigError listing every problem found (see the module docstring)."""
     problems: list[str] = []
-    for step in (trainer_configs, _check_models):
+    digest = _args_digest(params)
+    if not _checked_before(digest):
         try:
-            step(params)
+            trainer_configs(params)
         except ConfigError as exc:
             problems.append(str(exc))
+        else:
+            _remember(digest)
+    try:
+        _check_models(params)
+    except ConfigError as exc:
+        problems.append(str(exc))
     if problems:
         raise ConfigError("\n".join(problems))
+
+
+def _args_digest(params: Params) -> str:
+    from importlib.metadata import version
+
+    sections = ["model", "sft", "reward", params.policy.algorithm]
+    dump = params.model_dump(mode="json", by_alias=True)
+    h = hashlib.sha256(json.dumps({s: dump[s] for s in sections}, sort_keys=True).encode())
+    h.update(" ".join(version(pkg) for pkg in ("trl", "transformers", "torch")).encode())
+    for module in ("preflight.py", "training.py"):
+        h.update((Path(__file__).parent / module).read_bytes())
+    return h.hexdigest()
+
+
+def _checked_before(digest: str) -> bool:
+    try:
+        return json.loads(CHECKED_ARGS.read_text()).get("args") == digest
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _remember(digest: str) -> None:
+    with contextlib.suppress(OSError):  # a read-only project: checked again next time
+        CHECKED_ARGS.parent.mkdir(parents=True, exist_ok=True)
+        tmp = CHECKED_ARGS.with_name(f".{CHECKED_ARGS.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"args": digest}) + "\n")
+        tmp.replace(CHECKED_ARGS)
 
 
 # -- TRL's arguments ----------------------------------------------------------------------------
