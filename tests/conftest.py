@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets as secrets_module
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,10 +38,22 @@ def base_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+# Environment variables that hold secrets, each given a random canary value for the demo run:
+# tests/reliability/test_security.py checks that none reaches MLflow or the run's artifacts.
+SECRET_VARS = (
+    "HF_TOKEN",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_TRACKING_TOKEN",
+)
+
+
 @dataclass(frozen=True)
 class DemoRun:
     clone: Path  # a fresh clone of the repo after `rlhf data demo --check` and `rlhf run`
     stdout: str  # what `rlhf run` printed
+    secrets: dict[str, str]  # the canary value of each of SECRET_VARS the run had
 
 
 @pytest.fixture(scope="session")
@@ -48,13 +61,15 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory) -> DemoRun:
     """The whole demo pipeline with the default params.yaml, as `make demo` runs it on a fresh
     clone (only git-tracked files; the demo data regenerated; the Prefect flow with MLflow's
     embedded store): built once per session, shared by the DVC test (its outputs are the ones
-    dvc.lock records), the model-quality tests (tests/model) and the registry tests."""
+    dvc.lock records), the model-quality tests (tests/model) and the registry tests. It runs with
+    a random canary value in each of SECRET_VARS, as a user's shell may hold real ones."""
     from helpers import BIN, fresh_clone, sh
 
     clone = fresh_clone(tmp_path_factory.mktemp("demo_run") / "clone")
-    sh(BIN / "rlhf", "data", "demo", "--check", cwd=clone, code=clone)
-    run = sh(BIN / "rlhf", "run", cwd=clone, code=clone)
-    return DemoRun(clone, run.stdout)
+    secrets = {var: f"canary-{var.lower()}-{secrets_module.token_hex(12)}" for var in SECRET_VARS}
+    sh(BIN / "rlhf", "data", "demo", "--check", cwd=clone, code=clone, extra_env=secrets)
+    run = sh(BIN / "rlhf", "run", cwd=clone, code=clone, extra_env=secrets)
+    return DemoRun(clone, run.stdout, secrets)
 
 
 @pytest.fixture(scope="session")

@@ -12,9 +12,9 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the virtualenv's bin: dvc, rlhf
 
 
-def env(code: Path | None = None) -> dict[str, str]:
+def env(code: Path | None = None, extra: dict[str, str] | None = None) -> dict[str, str]:
     """The environment of a command; ``code``: run that checkout's rlhf_tasks, not the installed
-    (editable) one, as a fresh clone's `dvc repro` would."""
+    (editable) one, as a fresh clone's `dvc repro` would; ``extra``: variables to add."""
     env = {
         **os.environ,
         "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
@@ -27,17 +27,21 @@ def env(code: Path | None = None) -> dict[str, str]:
     env.pop("MLFLOW_TRACKING_URI", None)  # each project its own embedded store
     if code is not None:
         env["PYTHONPATH"] = str(code)
-    return env
+    return {**env, **(extra or {})}
 
 
 def sh(
-    *cmd: str | Path, cwd: Path, check: bool = True, code: Path | None = None
+    *cmd: str | Path,
+    cwd: Path,
+    check: bool = True,
+    code: Path | None = None,
+    extra_env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """Run a command; on an unexpected failure, show its output in the assertion."""
     proc = subprocess.run(
         [str(c) for c in cmd],
         cwd=cwd,
-        env=env(code),
+        env=env(code, extra_env),
         capture_output=True,
         text=True,
         timeout=1800,  # the whole demo pipeline, on a slow machine
