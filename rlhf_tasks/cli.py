@@ -14,8 +14,9 @@
 
 Every command takes ``--params FILE`` and DVC-style overrides ``-S section.key=value``.
 Exit codes: 0 success (valid data), 1 invalid data or nothing to do (rollback), 2 usage or
-configuration error, 3 another `rlhf run` or `rlhf ingest` is running in this project.
-A user mistake prints one message, never a traceback.
+configuration error, 3 another `rlhf run` or `rlhf ingest` is running in this project, 4 a
+resource the run relies on failed (a checkpoint could not be written, the MLflow tracking server
+did not answer). A user mistake prints one message, never a traceback.
 """
 
 from __future__ import annotations
