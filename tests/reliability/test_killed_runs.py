@@ -1,0 +1,160 @@
+"""`rlhf run` killed with SIGKILL (its whole process group) during each training stage: the next
+run reuses the stages that completed, resumes the killed stage from its last checkpoint, and the
+models are registered once, when a run completes."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow import MlflowClient
+from reliability_helpers import Run, complete_checkpoint, make_fast
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from rlhf_tasks import promote, tracking
+from rlhf_tasks.config import load_params
+from rlhf_tasks.stages import run_stage
+
+pytestmark = pytest.mark.slow
+
+POLICY, REWARD = "rlhf-demo-policy", "rlhf-demo-reward"
+# What evaluate wrote for a policy that beat SFT within every guard rail.
+GOOD = {
+    "judge/win_rate_vs_sft": 0.66,
+    "gold/win_rate_vs_sft": 0.66,
+    "policy/kl_to_sft": 2.0,
+    "policy/reward_mean": 2.5,
+    "reward_model/accuracy": 0.86,
+    "checks/kl_within_budget": 1.0,
+    "checks/no_degeneration": 1.0,
+}
+# Each training stage, where its checkpoints go, their names, and the file each writes last.
+STAGES = {
+    "sft": ("artifacts/sft/checkpoints", r"checkpoint-\d+", "trainer_state.json"),
+    "reward": ("artifacts/reward/checkpoints", r"checkpoint-\d+", "trainer_state.json"),
+    "policy": ("artifacts/policy/checkpoints", r"update-\d+", "history.json"),
+}
+
+
+def _last_checkpoint(project: Path, stage: str) -> str:
+    where, name, marker = STAGES[stage]
+    complete = [
+        d
+        for d in (project / where).iterdir()
+        if re.fullmatch(name, d.name) and (d / marker).exists()
+    ]
+    return f"{where}/{max(complete, key=lambda d: int(d.name.rpartition('-')[2])).name}"
+
+
+def _versions(client: MlflowClient, name: str) -> list[str]:
+    return sorted(str(mv.version) for mv in client.search_model_versions(f"name = '{name}'"))
+
+
+def test_killed_runs_resume_from_their_checkpoints_and_register_once(
+    project: Path, tmp_path: Path, rlhf
+) -> None:
+    make_fast(project)
+    client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+    resumed: dict[str, str] = {}  # stage -> the checkpoint the next run must resume from
+    runs: list[Run] = []
+    for stage in STAGES:
+        run = Run(project, tmp_path / f"run-{len(runs) + 1}.log")
+        runs.append(run)
+        run.wait_for(
+            complete_checkpoint(project / STAGES[stage][0], *STAGES[stage][1:]),
+            f"a {stage} checkpoint",
+        )
+        run.kill()
+        resumed[stage] = _last_checkpoint(project, stage)
+        assert not (project / f"artifacts/{stage}/model").exists() or stage == "policy"
+        # Killed before promote: nothing registered, not even half.
+        assert client.search_registered_models() == []
+    # The last run completes: in this process (saves starting one; nothing is killed now).
+    code, out, err = rlhf("run")
+    assert code == 0, (out, err)
+    assert not list((project / "artifacts").glob("*/checkpoints"))  # removed once tracked
+
+    # Each run resumed the stage the run before it was killed in, from its last checkpoint.
+    outputs = [run.output() for run in runs[1:]] + [out]
+    for stage, output in zip(STAGES, outputs, strict=True):
+        assert f"resuming from {resumed[stage]}" in output, (stage, output)
+    # The models were registered once, by the run that completed, and the gate promoted them.
+    assert _versions(client, POLICY) == _versions(client, REWARD) == ["1"]
+    assert str(client.get_model_version_by_alias(POLICY, "champion").version) == "1"
+    assert str(client.get_model_version_by_alias(REWARD, "champion").version) == "1"
+    # The MLflow runs of the killed processes were ended (KILLED) by the runs after them.
+    experiment = client.get_experiment_by_name("rlhf").experiment_id
+    killed = client.search_runs([experiment], "attributes.status != 'FINISHED'")
+    assert sorted(r.info.run_name for r in killed) == sorted(
+        ["rlhf_pipeline"] * 3 + ["sft", "reward", "policy"]
+    )
+    assert {r.info.status for r in killed} == {"KILLED"}
+    # Completed stages were reused (Cached), the killed one ran again.
+    pipelines = client.search_runs(
+        [experiment], "tags.`rlhf.stage` = 'pipeline'", order_by=["attributes.start_time ASC"]
+    )
+    assert len(pipelines) == 4
+    cached = [
+        {k.removeprefix("rlhf.cached.") for k in p.data.tags if k.startswith("rlhf.cached.")}
+        for p in pipelines
+    ]
+    assert cached == [
+        set(),
+        {"base_model", "validate"},
+        {"base_model", "validate", "sft"},
+        {"base_model", "validate", "sft", "reward"},
+    ]
+
+
+class Killed(BaseException):
+    """Stands for the process being killed: nothing gets to handle it."""
+
+
+def test_a_promote_killed_half_way_is_undone_by_the_next(
+    project: Path, validated, base_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A promote killed after registering the versions, before the gate decided (the window is
+    short, so it is simulated: the gate raises, and nothing cleans up, as after a SIGKILL),
+    leaves versions without a decision, one holding `challenger`. The next promote of the same
+    models removes them first: the registry ends with one decided version of each."""
+    validated()
+    shutil.copytree(base_model_dir, project / "artifacts/policy/model")
+    torch.manual_seed(0)
+    scorer = AutoModelForSequenceClassification.from_pretrained(base_model_dir, num_labels=1)
+    scorer.save_pretrained(project / "artifacts/reward/model")
+    AutoTokenizer.from_pretrained(base_model_dir).save_pretrained(
+        project / "artifacts/reward/model"
+    )
+    (project / "artifacts/policy/run.json").write_text('{"policy/algorithm": "ppo"}')
+    (project / "artifacts/validate/report.json").write_text('{"valid": true}')
+    (project / "artifacts/evaluate").mkdir(parents=True)
+    (project / "artifacts/evaluate/metrics.json").write_text(json.dumps(GOOD))
+    params = load_params("params.yaml", [])
+    for stage in ("reward", "policy"):  # their MLflow runs, with their models, as the stages log
+        with tracking.stage_run(stage, params) as result:
+            result["outputs"] = {"model": f"artifacts/{stage}/model"}
+    client = MlflowClient(tracking_uri=tracking.tracking_uri())
+
+    def killed(*args, **kwargs):
+        raise Killed
+
+    with monkeypatch.context() as m:
+        m.setattr(promote, "gate", killed)
+        m.setattr(promote, "unregister", lambda *args, **kwargs: None)
+        with pytest.raises(Killed):
+            run_stage("promote", params)
+    assert _versions(client, POLICY) == _versions(client, REWARD) == ["1"]
+    assert "rlhf.promotion" not in client.get_model_version(POLICY, "1").tags  # no decision
+
+    run_stage("promote", params)
+    assert _versions(client, POLICY) == _versions(client, REWARD) == ["2"]
+    policy = client.get_model_version(POLICY, "2")
+    assert policy.tags["rlhf.promotion"] == "champion"
+    assert policy.tags["rlhf.reward_version"] == "2"
+    for name in (POLICY, REWARD):
+        aliases = client.get_registered_model(name).aliases
+        assert {a: str(v) for a, v in aliases.items()} == {"champion": "2", "challenger": "2"}
