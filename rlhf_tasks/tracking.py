@@ -58,11 +58,12 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 # A tracking server that goes away: each request is retried with exponential backoff for about a
 # minute (after 0, 4, 8, 16 and 32 s), so a server restart is waited for and a longer outage
-# fails the run in bounded time (``server_errors``). MLflow's own defaults (7 retries, factor 2,
-# a 120 s timeout) wait over 4 minutes per request, and a failing run makes several. Set these
-# variables to choose otherwise.
+# fails the run in bounded time (``server_errors``). MLflow's own defaults (7 retries, factor 2)
+# wait over 4 minutes per request, and a failing run makes several. Set these variables to
+# choose otherwise. MLFLOW_HTTP_REQUEST_TIMEOUT (120 s per attempt, for a server that accepts a
+# connection and never answers) is left as it is: a large model's upload may need it.
 RETRIES, BACKOFF = "MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"
-HTTP_DEFAULTS = {RETRIES: "5", BACKOFF: "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "60"}
+HTTP_DEFAULTS = {RETRIES: "5", BACKOFF: "2"}
 for _var, _value in HTTP_DEFAULTS.items():
     os.environ.setdefault(_var, _value)
 
