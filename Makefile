@@ -49,7 +49,7 @@ test: setup
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
 
-# Every figure of bench/RESULTS.md, one benchmark after another (about 40 minutes on 2 cores;
+# Every figure of bench/RESULTS.md, one benchmark after another (about 55 minutes on 2 cores;
 # the machine should be otherwise idle). Each prints figures and asserts nothing.
 bench: setup
 	$(BIN)/python bench/demo_time.py
@@ -57,6 +57,7 @@ bench: setup
 	$(BIN)/python bench/pipeline_overhead.py
 	$(BIN)/python bench/ppo_vs_trl.py
 	$(BIN)/python bench/ppo_throughput.py
+	$(BIN)/python bench/validate_gate.py --gigabytes 0.1 1
 
 lint: setup
 	$(BIN)/ruff check .
