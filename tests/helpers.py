@@ -81,3 +81,18 @@ FEW_STEPS = [
     "evaluate.samples_per_prompt=1",
     "evaluate.max_new_tokens=8",
 ]
+
+
+# The demo's registered model names.
+POLICY, REWARD = "rlhf-demo-policy", "rlhf-demo-reward"
+
+# What evaluate writes for a policy that beat SFT within every guard rail.
+GOOD_EVALUATION = {
+    "judge/win_rate_vs_sft": 0.66,
+    "gold/win_rate_vs_sft": 0.66,
+    "policy/kl_to_sft": 2.0,
+    "policy/reward_mean": 2.5,
+    "reward_model/accuracy": 0.86,
+    "checks/kl_within_budget": 1.0,
+    "checks/no_degeneration": 1.0,
+}

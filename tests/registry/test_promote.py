@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import GOOD_EVALUATION as GOOD
+from helpers import POLICY, REWARD
 from mlflow import MlflowClient
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -21,18 +23,7 @@ from rlhf_tasks import promote, tracking
 from rlhf_tasks.config import load_params
 from rlhf_tasks.stages import run_stage
 
-POLICY, REWARD = "rlhf-demo-policy", "rlhf-demo-reward"
 DATA_MD5 = "0123456789abcdef0123456789abcdef.dir"
-# What evaluate wrote for a policy that beat SFT within every guard rail.
-GOOD = {
-    "judge/win_rate_vs_sft": 0.66,
-    "gold/win_rate_vs_sft": 0.66,
-    "policy/kl_to_sft": 2.0,
-    "policy/reward_mean": 2.5,
-    "reward_model/accuracy": 0.86,
-    "checks/kl_within_budget": 1.0,
-    "checks/no_degeneration": 1.0,
-}
 
 
 def _git(project: Path, *args: str) -> str:

@@ -21,13 +21,13 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from helpers import POLICY
 from mlflow import MlflowClient
 from prefect.testing.utilities import prefect_test_harness
 
 pytestmark = pytest.mark.slow
 
 N_ROWS = 120
-POLICY = "rlhf-demo-policy"
 
 
 @dataclass(frozen=True)

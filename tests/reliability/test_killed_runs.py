@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import GOOD_EVALUATION as GOOD
+from helpers import POLICY, REWARD
 from mlflow import MlflowClient
 from reliability_helpers import Run, complete_checkpoint, make_fast
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -21,17 +23,6 @@ from rlhf_tasks.stages import run_stage
 
 pytestmark = pytest.mark.slow
 
-POLICY, REWARD = "rlhf-demo-policy", "rlhf-demo-reward"
-# What evaluate wrote for a policy that beat SFT within every guard rail.
-GOOD = {
-    "judge/win_rate_vs_sft": 0.66,
-    "gold/win_rate_vs_sft": 0.66,
-    "policy/kl_to_sft": 2.0,
-    "policy/reward_mean": 2.5,
-    "reward_model/accuracy": 0.86,
-    "checks/kl_within_budget": 1.0,
-    "checks/no_degeneration": 1.0,
-}
 # Each training stage, where its checkpoints go, their names, and the file each writes last.
 STAGES = {
     "sft": ("artifacts/sft/checkpoints", r"checkpoint-\d+", "trainer_state.json"),
