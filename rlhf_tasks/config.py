@@ -12,6 +12,7 @@ Overrides use DVC's syntax, ``-S section.key=value`` (the value is parsed as YAM
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,6 +31,18 @@ from rlhf_tasks.errors import ConfigError
 DEFAULT_PARAMS = Path("params.yaml")
 
 Severity = Literal["error", "warn", "off"]
+
+
+class YamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader (YAML 1.1), except that ``1e-4``, written without a dot, is a float
+    as in YAML 1.2 (and as people mean it), not the string "1e-4"."""
+
+
+YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*(\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
 
 
 class _Section(BaseModel):
@@ -341,7 +354,7 @@ class Params(_Section):
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply DVC-style ``section.key=value`` overrides to a raw params dict (a copy)."""
-    result = yaml.safe_load(yaml.safe_dump(raw)) or {}
+    result = yaml.load(yaml.safe_dump(raw), Loader=YamlLoader) or {}
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
@@ -353,7 +366,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             if not isinstance(child, dict):
                 raise ConfigError(f"override {item!r}: {part!r} is not a section")
             node = child
-        node[parts[-1]] = yaml.safe_load(value)
+        node[parts[-1]] = yaml.load(value, Loader=YamlLoader)
     return result
 
 
@@ -362,7 +375,7 @@ def load_params(path: str | Path = DEFAULT_PARAMS, overrides: list[str] | None =
     path = Path(path)
     if path.exists():
         try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            raw = yaml.load(path.read_text(encoding="utf-8"), Loader=YamlLoader) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     else:

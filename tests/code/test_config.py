@@ -447,3 +447,14 @@ def test_cli_config_error_in_a_real_process(tmp_path: Path):
     assert proc.returncode == 2, proc.stderr
     assert "validate.min_rowz" in proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
+
+
+def test_a_float_written_without_a_dot_is_a_float(tmp_path) -> None:
+    """YAML 1.1 (PyYAML) reads 1e-4 as a string; params read it as the float people mean, in the
+    file and in an override alike."""
+    path = tmp_path / "params.yaml"
+    path.write_text("ppo:\n  learning_rate: 1e-4\n  value_learning_rate: 2E-5\n")
+    params = load_params(path, ["ppo.cliprange=1e-1"])
+    assert params.ppo.learning_rate == 1e-4 and params.ppo.value_learning_rate == 2e-5
+    assert params.ppo.cliprange == 0.1
+    assert load_params(path, ["tracking.experiment=1e5x"]).tracking.experiment == "1e5x"
