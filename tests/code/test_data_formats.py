@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from rlhf_tasks.data import load
+from rlhf_tasks.data import KeyIndex, iter_chunks, load
 from rlhf_tasks.errors import ConfigError
 
 # Commas, quotes, a newline, non-ASCII text and a zero margin: what CSV quoting and "optional
@@ -545,3 +545,28 @@ def test_directory_without_data_files_is_a_config_error(tmp_path):
 
     with pytest.raises(ConfigError, match="holds no"):
         load([tmp_path / "empty"])
+
+
+def test_iter_chunks_reads_files_in_chunks_of_at_most_chunk_rows(tmp_path):
+    first, second = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    row = {"prompt": "Q", "chosen": "A", "rejected": "B"}
+    first.write_text("".join(json.dumps({**row, "id": i}) + "\n" for i in range(5)))
+    second.write_text("".join(json.dumps({**row, "id": i}) + "\n" for i in range(5, 7)))
+
+    chunks = list(iter_chunks([first, second], chunk_rows=3))
+
+    assert [len(c.frame) for c in chunks] == [3, 3, 1]
+    assert [i for c in chunks for i in c.frame["id"]] == list(range(7))
+    frames = [c.frame for c in chunks]
+    lines = [
+        (Path(f).name, n) for fr in frames for f, n in fr[["_file", "_line"]].itertuples(False)
+    ]
+    assert lines == [*(("a.jsonl", n) for n in range(1, 6)), ("b.jsonl", 1), ("b.jsonl", 2)]
+    assert {c.kind for c in chunks} == {"preferences"}
+
+
+def test_key_index_names_the_first_occurrence_across_calls():
+    index = KeyIndex()
+    assert index.add([("a", "b"), ("c", "d"), (" a ", "b")], [10, 11, 12]) == [None, None, 10]
+    assert index.add([("c", "d"), ("e", "f"), ("e", "f")], [13, 14, 15]) == [11, None, 14]
+    assert index.add([], []) == []
