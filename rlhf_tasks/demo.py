@@ -209,13 +209,28 @@ STOPWORDS = frozenset(
     "a an the and or of in on to for with is are it they their them when can be by from very "
     "many most every each as at this that your you i me much about".split()
 )
-# Words of each topic's facts that no other topic uses: the "informative" signal.
-_FACT_WORDS = {
-    t.name: {w for f in t.facts for w in re.findall(r"[a-z]+", f)} - STOPWORDS for t in TOPICS
+
+
+def _words(*texts: str) -> set[str]:
+    return {w for text in texts for w in re.findall(r"[a-z]+", text.lower())}
+
+
+# Sentiment words belong to no topic: "lovely" in a closer is friendly, not a word about gardens.
+_VOCABULARY = {
+    t.name: _words(*t.keywords, *t.subjects, *t.facts) - STOPWORDS - POSITIVE - NEGATIVE
+    for t in TOPICS
 }
+# A topic's own words, the "on topic" signal: its keywords, and the words of its facts and
+# subjects that no other topic uses.
 TOPIC_WORDS = {
-    t.name: (set(t.keywords) | _FACT_WORDS[t.name])
-    - set().union(*(_FACT_WORDS[o.name] for o in TOPICS if o is not t))
+    t.name: set(t.keywords)
+    | (_VOCABULARY[t.name] - set().union(*(_VOCABULARY[o.name] for o in TOPICS if o is not t)))
+    for t in TOPICS
+}
+# Words that put an answer off its topic: other topics' own words that its own facts, subjects
+# and keywords do not use ("gardens" is a gardens word, but "Rain is good for gardens").
+OFF_TOPIC_WORDS = {
+    t.name: set().union(*(TOPIC_WORDS[o.name] for o in TOPICS if o is not t)) - _VOCABULARY[t.name]
     for t in TOPICS
 }
 
@@ -247,10 +262,11 @@ def topic_of(prompt: str) -> Topic | None:
 
 
 def gold_score(prompt: str, response: str) -> float:
-    """Deterministic quality of ``response`` to ``prompt``; higher is better, from about -10 to 5.
+    """Deterministic quality of ``response`` to ``prompt``; higher is better, from about -15 to 5.
 
-    A good answer (two facts, friendly) scores about 4; a plain one-fact answer about 3; short,
-    off-topic, negative, repetitive or rambling answers score around 0 or below.
+    A good answer (two facts, friendly) scores 4 to 4.8; a plain one-fact answer about 3; short,
+    off-topic, negative, repetitive or rambling answers score around 0 or below, and one fact said
+    twice ("Dogs are loyal friends. Young dogs are loyal friends.") below the fact said once.
     """
     words = re.findall(r"[a-z]+", response.lower())
     n = len(words)
@@ -260,27 +276,32 @@ def gold_score(prompt: str, response: str) -> float:
     score = 0.0
     if topic is not None:
         own = any(w in TOPIC_WORDS[topic.name] for w in words)
-        other = sum(w in TOPIC_WORDS[o.name] for o in TOPICS if o is not topic for w in words)
+        other = sum(w in OFF_TOPIC_WORDS[topic.name] for w in words)
         score += 1.0 if own else -1.5
         score -= 0.75 * min(other, 4)
-        # Helpful: each distinct true fact about the topic, stated in full, up to two.
+        # Helpful: each distinct true fact about the topic, stated in full, up to two; a fact
+        # said again costs what it gave.
         text = " ".join(words)
-        score += 1.0 * min(sum(fact in text for fact in topic.facts), 2)
+        said = [text.count(fact) for fact in topic.facts]
+        score += 1.0 * min(sum(n > 0 for n in said), 2) - 1.0 * sum(max(n - 1, 0) for n in said)
     score += 0.4 * min(len(set(words) & POSITIVE), 2)
     score -= 1.5 * min(sum(w in NEGATIVE for w in words), 3)
     stripped = response.strip()
     score += 0.5 if stripped[:1].isupper() else -0.5
     score += 0.5 if stripped[-1:] in ".!" else -1.0
-    # Degenerate repetition: share of repeated words and of repeated bigrams.
-    distinct_1 = len(set(words)) / n
+    # Degenerate repetition: share of repeated content words and of repeated bigrams. Two facts
+    # with the same subject ("Home gardens need care. Home gardens need water.") are prose; the
+    # same fact twice, a sentence three times or "great great great" are not.
+    content = [w for w in words if w not in STOPWORDS] or words
+    distinct_1 = len(set(content)) / len(content)
     bigrams = list(itertools.pairwise(words))
     distinct_2 = len(set(bigrams)) / len(bigrams) if bigrams else 1.0
-    score -= 6.0 * max(0.0, 0.8 - distinct_1) + 6.0 * max(0.0, 0.9 - distinct_2)
-    # Sensible length: 6 to 25 words.
+    score -= 10.0 * max(0.0, 0.6 - distinct_1) + 10.0 * max(0.0, 0.75 - distinct_2)
+    # Sensible length: 6 to 22 words (the longest good answer has 21).
     if n < 6:
         score -= 0.6 * (6 - n)
-    elif n > 25:
-        score -= 0.2 * (n - 25)
+    elif n > 22:
+        score -= 0.3 * (n - 22)
     return round(score, 4)
 
 

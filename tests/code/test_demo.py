@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import random
+import re
 import statistics
 import subprocess
 import sys
@@ -45,6 +47,40 @@ def _tree_bytes(root: Path) -> dict[str, bytes]:
 def test_gold_judge_prefers_more_facts():
     assert _score(GOOD_FRIENDLY) > _score(ONE_FACT)
     assert _score(GOOD) > _score(ONE_FACT)
+
+
+@pytest.mark.parametrize("topic", demo.TOPICS, ids=lambda t: t.name)
+def test_every_good_answer_beats_every_plain_one_and_a_closer_never_hurts(topic):
+    """Over all subjects, facts and closers of a topic. (A closer's "lovely" once counted as a
+    gardens word and "gardens" as a rain word, so friendly answers and answers about gardens
+    scored below plain ones.)"""
+    prompt = f"Tell me about {topic.name}."
+    plain = {
+        _score(f"{s} {f}.", prompt) for s in topic.subjects for f in topic.facts
+    }
+    good = {
+        _score(f"{s1} {f1}. {s2} {f2}.", prompt)
+        for s1 in topic.subjects
+        for s2 in topic.subjects
+        for f1, f2 in itertools.permutations(topic.facts, 2)
+    }
+    friendly = {
+        _score(f"{s1} {f1}. {s1} {f2}. {topic.pronoun} {closer}.", prompt)
+        for s1 in topic.subjects
+        for f1, f2 in itertools.permutations(topic.facts, 2)
+        for closer in demo.CLOSERS
+    }
+    assert min(good) > max(plain), (min(good), max(plain))
+    assert min(friendly) > max(good) - 0.5, (min(friendly), max(good))
+    assert min(friendly) >= 4.0
+
+
+def test_sentiment_words_and_own_facts_are_never_off_topic():
+    for topic in demo.TOPICS:
+        assert not demo.OFF_TOPIC_WORDS[topic.name] & (demo.POSITIVE | demo.NEGATIVE)
+        for fact in topic.facts:
+            words = set(re.findall(r"[a-z]+", fact))
+            assert not words & demo.OFF_TOPIC_WORDS[topic.name], (topic.name, fact)
 
 
 @pytest.mark.parametrize(
