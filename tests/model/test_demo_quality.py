@@ -3,11 +3,11 @@ pipeline run as `make demo` runs it (the session's ``demo_run`` fresh clone).
 
 - the reward model: held-out accuracy at least 0.80, beside the annotators' noise ceiling, and
   it tells an answer on the topic from a well-formed answer on another topic;
-- the policy (PPO by default): the gold judge prefers it to SFT on at least 60% of held-out
-  prompts (the issue's target is 70%; the defaults reach 0.66 and the gap is PPO exploiting the
-  reward model with answers that say one fact twice, which the demo's reward model does not
-  penalise), with its KL to SFT inside the configured budget and no degeneration (mean length
-  and distinct-2 within 20% of SFT's, unless the judge prefers the change).
+- the policy (PPO by default): the gold judge prefers it to SFT on at least 70% of held-out
+  samples (the defaults give 0.756-0.768 over three PPO seeds on this machine kind; the
+  evaluation's standard error is about 0.02), with its KL to SFT inside the configured budget and
+  no degeneration (mean length and distinct-2 within 20% of SFT's, unless the judge prefers the
+  change).
 
 Training times are printed by `bench/demo_time.py`, never asserted.
 """
@@ -24,7 +24,7 @@ from rlhf_tasks import reward
 pytestmark = pytest.mark.slow
 
 MIN_REWARD_ACCURACY = 0.80
-MIN_GOLD_WIN_RATE = 0.60  # the target is 0.70: see the module docstring
+MIN_GOLD_WIN_RATE = 0.70
 MAX_STYLE_CHANGE = 0.20
 
 # A good answer against an answer on another topic, which a reward model that only looks at the
