@@ -283,7 +283,7 @@ def gold_score(prompt: str, response: str) -> float:
         # said again costs what it gave.
         text = " ".join(words)
         said = [text.count(fact) for fact in topic.facts]
-        score += 1.0 * min(sum(n > 0 for n in said), 2) - 1.0 * sum(max(n - 1, 0) for n in said)
+        score += 1.0 * min(sum(c > 0 for c in said), 2) - 1.0 * sum(max(c - 1, 0) for c in said)
     score += 0.4 * min(len(set(words) & POSITIVE), 2)
     score -= 1.5 * min(sum(w in NEGATIVE for w in words), 3)
     stripped = response.strip()

@@ -55,9 +55,7 @@ def test_every_good_answer_beats_every_plain_one_and_a_closer_never_hurts(topic)
     gardens word and "gardens" as a rain word, so friendly answers and answers about gardens
     scored below plain ones.)"""
     prompt = f"Tell me about {topic.name}."
-    plain = {
-        _score(f"{s} {f}.", prompt) for s in topic.subjects for f in topic.facts
-    }
+    plain = {_score(f"{s} {f}.", prompt) for s in topic.subjects for f in topic.facts}
     good = {
         _score(f"{s1} {f1}. {s2} {f2}.", prompt)
         for s1 in topic.subjects
