@@ -49,8 +49,8 @@ print(json.dumps(times))
 
 FIRST_STEP = """
 import json, mlflow
-from rlhf_tasks import tracking
-mlflow.set_tracking_uri(tracking.tracking_uri())
+from rlhf_tasks.tracking import store
+mlflow.set_tracking_uri(store.tracking_uri())
 client = mlflow.MlflowClient()
 run = mlflow.search_runs(search_all_experiments=True, filter_string="tags.`rlhf.stage` = 'sft'",
                          output_format="list")[0]

@@ -58,7 +58,7 @@ def build(root: Path, spec: tuple, max_length: int) -> tuple[Path, Path, int]:
         max_length=max_length,
     )
     params = Params(base_model=cfg, model=ModelConfig(name_or_path=str(out / "policy")))
-    base_model.build(params, out / "policy")
+    base_model.build_in(params, out / "policy")
     config = AutoConfig.from_pretrained(out / "policy")
     if vocab:  # a realistic embedding size; the extra rows are never produced by the tokenizer
         config.vocab_size = vocab

@@ -118,7 +118,7 @@ def main() -> None:
         from rlhf_tasks import policy as policy_stage
         from rlhf_tasks import ppo
         from rlhf_tasks.config import load_params
-        from rlhf_tasks.training import load_tokenizer
+        from rlhf_tasks.models import load_tokenizer
 
         os.chdir(project)
         cfg = load_params("params.yaml", args.overrides).ppo

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from rlhf_tasks import reward, sft
 from rlhf_tasks.config import load_params
+from rlhf_tasks.stages import call
 
 PROMPTS = [  # held-out prompt templates of the demo task
     "Tell me about dogs.",
@@ -64,11 +64,11 @@ def main() -> None:
         print(f"torch threads: {torch.get_num_threads()}, CUDA: {torch.cuda.is_available()}")
 
         t0 = time.perf_counter()
-        sft_result = sft.run(params, out_dir=out / "sft")
+        sft_result = call("sft", params, out_root=out)
         t1 = time.perf_counter()
         sft_model = sft_result["outputs"]["model"]
         params = load_params("params.yaml", [*args.overrides, f"reward.init_from={sft_model}"])
-        reward_result = reward.run(params, out_dir=out / "reward")
+        reward_result = call("reward", params, out_root=out)
         t2 = time.perf_counter()
 
         print(f"\nsft:    {t1 - t0:6.1f} s wall")

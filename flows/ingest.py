@@ -14,7 +14,7 @@ from typing import Any
 from prefect import flow, task
 
 from flows import reports
-from rlhf_tasks import ingest
+from rlhf_tasks import environment, ingest
 from rlhf_tasks.config import DEFAULT_PARAMS, load_params
 
 RETRAIN_DEPLOYMENT = "rlhf_pipeline/rlhf-retrain"
@@ -29,6 +29,7 @@ def rlhf_ingest(
     push: bool = True,
     retrain: bool = False,
 ) -> dict[str, Any]:
+    environment.set_defaults()  # a worker runs this flow without the `rlhf` command
     params = load_params(params_path, overrides or [])
     state = task(ingest.check, name="check", log_prints=False)(params, batch, return_state=True)
     if state.is_failed():

@@ -1,11 +1,13 @@
-"""Prefect flow ``rlhf_pipeline``: the stages of ``rlhf_tasks.stages.STAGES``, in order, as tasks.
+"""Prefect flow ``rlhf_pipeline``: the stages of the registry (``rlhf_tasks/stages.py``), in
+order, as tasks.
 
-Thin by design: each task is the stage's own function (``stages.run_stage``), tracked as a nested
-MLflow run under the flow's parent run. The flow adds what Prefect is for:
+Thin by design: each task is the stage's own function (``runner.run_stage``), tracked as a nested
+MLflow run under the flow's parent run and recorded in ``dvc.lock``. The flow adds what Prefect is
+for:
 
-- caching across runs: a stage whose cache key (``rlhf_tasks/cache.py``: data, its params
-  sections, its upstream outputs, its code) is unchanged, and whose outputs are still on disk as
-  it left them, is not run; its task ends ``Cached`` with the previous result;
+- skipping unchanged stages: a stage that DVC finds up to date (``dvc status``: its data, code,
+  params and upstream outputs are those its ``dvc.lock`` entry records; ``rlhf_tasks/
+  lockfile.py``) is not run; its task ends ``Cached`` with the outputs and metrics on disk;
 - timeouts per stage and retries with backoff for ``promote`` (MLflow I/O);
 - concurrency: training stages hold a slot of the ``gpu`` global concurrency limit, ``promote``
   the one slot of ``promotion``, so two runs never train on one GPU or race on aliases;
@@ -21,45 +23,47 @@ pickled weights: ``rlhf_tasks/preflight.py``) fails the flow before its first st
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
 from prefect.concurrency.sync import concurrency
-from prefect.filesystems import LocalFileSystem
-from prefect.states import Failed, State
+from prefect.states import Completed, Failed, State
 
 from flows import reports
 from flows.api import server_api
-from rlhf_tasks import cache, preflight, tracking
+from rlhf_tasks import environment, preflight
 from rlhf_tasks.config import DEFAULT_PARAMS, Params, load_params
 from rlhf_tasks.errors import ConfigError, UserError
-from rlhf_tasks.stages import STAGES, run_stage
+from rlhf_tasks.runner import cached_result, is_cached, run_stage
+from rlhf_tasks.stages import STAGES
+from rlhf_tasks.tracking import runs
 
-TRAINING = {"sft", "reward", "policy"}
 RETRIED = {"promote"}  # idempotent on failure: promote removes what it registered
 
 
-def _stage_task(name: str, params: Params, cache_key: str, reuse: bool, storage: str) -> Any:
+def _stage_task(name: str, params: Params) -> Any:
     orch = params.orchestration
     retries = orch.retries if name in RETRIED else 0
     return task(
-        _run_with_slots,
+        _run_unless_cached,
         name=name,
         task_run_name=name,
         # Prints stay prints: log_prints would swap out `print`, and libraries that capture
         # stdout (dill, under datasets' fingerprinting) would spill into the log.
         log_prints=False,
-        cache_key_fn=lambda *_: cache_key,
-        refresh_cache=not reuse,
-        persist_result=True,
-        result_serializer="json",
-        result_storage=storage,
+        cache_policy=NO_CACHE,  # DVC decides what is unchanged (_run_unless_cached), not Prefect
         timeout_seconds=orch.timeouts.get(name),
         retries=retries,
         retry_delay_seconds=[orch.retry_delay_s * 2**i for i in range(retries)] or 0,
     )
+
+
+def _run_unless_cached(name: str, params: Params, parent_run_id: str) -> Any:
+    if params.orchestration.cache and is_cached(name, params):
+        return Completed(name="Cached", data=cached_result(name), message="unchanged (DVC)")
+    return _run_with_slots(name, params, parent_run_id)
 
 
 def _run_with_slots(name: str, params: Params, parent_run_id: str) -> Any:
@@ -78,7 +82,11 @@ def _user_failure(exc: UserError) -> State:
 def _run_in_slot(name: str, params: Params, parent_run_id: str) -> dict[str, Any]:
     orch = params.orchestration
     limit = (
-        orch.gpu_limit if name in TRAINING else orch.promotion_limit if name == "promote" else None
+        orch.gpu_limit
+        if STAGES[name].trains
+        else orch.promotion_limit
+        if name == "promote"
+        else None
     )
     if limit is None or not server_api():
         return run_stage(name, params, parent_run_id)
@@ -90,15 +98,6 @@ def _run_in_slot(name: str, params: Params, parent_run_id: str) -> dict[str, Any
             f"stage {name} waited {orch.slot_timeout_s:.0f} s for a slot of the concurrency limit "
             f"{limit!r}; see who holds it with `prefect gcl inspect {limit}`"
         ) from None
-
-
-def _result_storage() -> str:
-    """A block for this project's cached results (``artifacts/cache/results``), saved on the
-    Prefect API under a name unique to the project directory; its slug."""
-    basepath = (cache.CACHE_DIR / "results").resolve()
-    name = "rlhf-results-" + hashlib.sha256(str(basepath).encode()).hexdigest()[:12]
-    LocalFileSystem(basepath=str(basepath)).save(name, overwrite=True)
-    return f"local-file-system/{name}"
 
 
 def _ensure_limits(params: Params) -> None:
@@ -122,6 +121,7 @@ def _ensure_limits(params: Params) -> None:
 def rlhf_pipeline(
     params_path: str = str(DEFAULT_PARAMS), overrides: list[str] | None = None
 ) -> dict[str, Any]:
+    environment.set_defaults()  # a worker runs this flow without the `rlhf` command
     try:
         return _pipeline(params_path, overrides)
     except UserError as exc:
@@ -136,22 +136,15 @@ def _pipeline(params_path: str, overrides: list[str] | None) -> dict[str, Any]:
     preflight.check(params)  # every stage's arguments and models, before the first stage runs
     if server_api():
         _ensure_limits(params)
-    storage = _result_storage()
     results: dict[str, Any] = {}
-    with tracking.pipeline_run(params, params_path) as parent:
+    with runs.pipeline_run(params, params_path) as parent:
         for name in STAGES:
-            key = cache.key(name, params)
-            reuse = params.orchestration.cache and cache.reusable(name, key)
-            state = _stage_task(name, params, key, reuse, storage)(
-                name, params, parent.info.run_id, return_state=True
-            )
+            state = _stage_task(name, params)(name, params, parent.info.run_id, return_state=True)
             if state.is_failed() and name == "validate":
-                reports.validation_artifact(Path("artifacts/validate/report.json"))
+                reports.validation_artifact(Path(STAGES["validate"].outputs["report"].path))
             results[name] = state.result()  # raises: a failed stage fails the flow here
             if state.name == "Cached":
-                tracking.note_cached(name)
-            else:
-                cache.record(name, key)
+                runs.note_cached(name)
         reports.evaluation_artifact(results, parent.info.run_id)
     return results
 

@@ -9,8 +9,9 @@ from typing import Any
 
 from prefect.artifacts import create_markdown_artifact
 
-from rlhf_tasks import tracking
-from rlhf_tasks.cli import KEY_METRICS
+from rlhf_tasks.metrics import KEY_METRICS
+from rlhf_tasks.stages import STAGES
+from rlhf_tasks.tracking import runs, store
 
 SAMPLES = 5  # generations shown side by side
 
@@ -42,14 +43,14 @@ def validation_artifact(report_path: Path) -> None:
 
 
 def _run_link(run_id: str) -> str:
-    uri = tracking.tracking_uri()
+    uri = store.tracking_uri()
     if uri.startswith("http"):
         import mlflow
 
         experiment = mlflow.get_run(run_id).info.experiment_id
-        link = f"{tracking.redact_url(uri)}/#/experiments/{experiment}/runs/{run_id}"
+        link = f"{store.redact_url(uri)}/#/experiments/{experiment}/runs/{run_id}"
         return f"[{run_id[:8]}]({link})"
-    return f"`{run_id}` ({tracking.redact_url(uri)})"
+    return f"`{run_id}` ({store.redact_url(uri)})"
 
 
 def evaluation_artifact(results: dict[str, Any], parent_run_id: str) -> None:
@@ -61,7 +62,7 @@ def evaluation_artifact(results: dict[str, Any], parent_run_id: str) -> None:
     for stage, key, label in KEY_METRICS:
         if key in metrics[stage]:
             lines.append(f"| {label.strip()} | {metrics[stage][key]:.3f} |")
-    decision_path = Path("artifacts/promote/decision.json")
+    decision_path = STAGES["promote"].workdir / "decision.json"
     if decision_path.exists():
         d = json.loads(decision_path.read_text())
         verdict = "**champion**" if d["promoted"] else "**rejected**"
@@ -75,7 +76,7 @@ def evaluation_artifact(results: dict[str, Any], parent_run_id: str) -> None:
             f"{d['win_rate']:.3f} against {d['baseline']}.",
         ]
         lines += [f"- {reason}" for reason in d["reasons"]]
-    generations = Path("artifacts/evaluate/generations.jsonl")
+    generations = Path(STAGES["evaluate"].outputs["generations"].path)
     if generations.exists():
         with generations.open(encoding="utf-8") as fh:
             rows = [json.loads(line) for _, line in zip(range(SAMPLES), fh, strict=False)]
@@ -88,7 +89,7 @@ def evaluation_artifact(results: dict[str, Any], parent_run_id: str) -> None:
             )
     lines += ["", "## MLflow runs", "", f"- pipeline: {_run_link(parent_run_id)}"]
     for stage in results:
-        record = tracking.recorded_run(stage)
+        record = runs.recorded_run(stage)
         if record:
             lines.append(f"- {stage}: {_run_link(record['run_id'])}")
     create_markdown_artifact("\n".join(lines), key="evaluation-report")

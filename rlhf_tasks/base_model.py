@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from rlhf_tasks.config import Params
+from rlhf_tasks.locations import StageIO
 
-DEFAULT_OUT = Path("artifacts/base_model")
 SPECIAL_TOKENS = {
     "bos_token": "<s>",
     "eos_token": "</s>",
@@ -63,7 +63,12 @@ def build_tokenizer(texts: list[str], vocab_size: int, max_length: int) -> Any:
     )
 
 
-def build(params: Params, out_dir: Path = DEFAULT_OUT) -> dict[str, Any]:
+def build(params: Params, io: StageIO) -> dict[str, Any]:
+    """The ``base_model`` stage: the base model in its output ``model`` (see ``build_in``)."""
+    return build_in(params, io.outputs["model"])
+
+
+def build_in(params: Params, out_dir: Path) -> dict[str, Any]:
     """Build (demo) or describe (real run) the base model in ``out_dir``; return the result."""
     import torch
     from transformers import AutoConfig, AutoTokenizer, LlamaConfig, LlamaForCausalLM

@@ -1,9 +1,11 @@
 """The ``rlhf`` command line.
 
-    rlhf validate [PATH ...] [--heldout PATH ...]  the validation gate (default: params' data)
+    rlhf validate [PATH ...] [--heldout PATH ...]  the validation gate (default: params' data);
+                                                   its report in artifacts/checks/validate/
     rlhf data demo [--check] [--force]             write the demo data set into data/
     rlhf stage NAME                                run one stage as dvc.yaml calls it
     rlhf run                                       every stage in order (the Prefect flow)
+    rlhf dvc-yaml [--check]                        write dvc.yaml from the stage registry
     rlhf ingest BATCH [--retrain]                  validate a batch and add it to data/ (DVC)
     rlhf metrics                                   the key metrics of the last run, as a table
     rlhf models                                    registered versions, aliases, decisions
@@ -34,19 +36,16 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from rlhf_tasks import tracking
+from rlhf_tasks import environment
 from rlhf_tasks.config import DEFAULT_PARAMS, Params, load_params
 from rlhf_tasks.errors import BusyError, ConfigError, DataError, UserError
-from rlhf_tasks.stages import STAGES, run_stage
+from rlhf_tasks.metrics import metrics_table
+from rlhf_tasks.runner import run_stage
+from rlhf_tasks.stages import STAGES
 
-# Privacy by default: no analytics from the libraries this tool drives.
-for _var, _value in {
-    "DVC_NO_ANALYTICS": "1",
-    "GX_ANALYTICS_ENABLED": "false",
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-}.items():
-    os.environ.setdefault(_var, _value)
+# Where `rlhf validate` leaves its report: a check of a file never touches the pipeline's state
+# (the validate stage's outputs are written by the validate stage alone).
+CHECKS_DIR = Path("artifacts/checks/validate")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -77,7 +76,11 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("validate", help="run the data-validation gate")
     p.add_argument("paths", nargs="*", help="files or directories (default: params.yaml's data)")
     p.add_argument("--heldout", nargs="+", help="held-out files, checked for shared prompts")
-    p.add_argument("--out", default="artifacts/validate", help="report directory")
+    p.add_argument(
+        "--out",
+        default=str(CHECKS_DIR),
+        help=f"report directory (default: {CHECKS_DIR}; never the validate stage's outputs)",
+    )
     _common(p)
 
     p = sub.add_parser("data", help="data sets")
@@ -93,6 +96,10 @@ def _parser() -> argparse.ArgumentParser:
     _common(p)
 
     p = sub.add_parser("run", help="run every stage in order, as the Prefect flow rlhf_pipeline")
+    _common(p)
+
+    p = sub.add_parser("dvc-yaml", help="write dvc.yaml from the stage registry")
+    p.add_argument("--check", action="store_true", help="only check that dvc.yaml is current")
     _common(p)
 
     p = sub.add_parser("metrics", help="the key metrics of the last run (artifacts/), as a table")
@@ -204,6 +211,22 @@ def cmd_data_demo(args: argparse.Namespace, params: Params) -> int:
     return 0
 
 
+def cmd_dvc_yaml(args: argparse.Namespace) -> int:
+    from rlhf_tasks.stages import dvc_yaml
+
+    path, text = Path("dvc.yaml"), dvc_yaml()
+    current = path.read_text() if path.exists() else ""
+    if args.check:
+        if current != text:
+            print(f"{path} differs from the stage registry: run `rlhf dvc-yaml`", file=sys.stderr)
+            return 1
+        print(f"{path} is the stage registry's")
+        return 0
+    path.write_text(text)
+    print(f"{path} {'unchanged' if current == text else 'written'} from rlhf_tasks/stages.py")
+    return 0
+
+
 def cmd_stage(args: argparse.Namespace, params: Params) -> int:
     from rlhf_tasks import launch
 
@@ -215,47 +238,6 @@ def cmd_stage(args: argparse.Namespace, params: Params) -> int:
         Path(args.result_file).write_text(json.dumps(result))
     print(f"stage {args.name}: {json.dumps(result['outputs'])}")
     return 0
-
-
-# The figures a user looks at after a run: (stage, metrics key, label). Missing ones are skipped.
-KEY_METRICS = [
-    ("reward", "reward_model/accuracy", "reward model: held-out accuracy"),
-    ("evaluate", "reward_model/noise_ceiling", "   annotators' agreement with gold (ceiling)"),
-    ("evaluate", "reward_model/accuracy_gold", "reward model: accuracy vs gold order"),
-    ("evaluate", "sft/reward_mean", "SFT: reward-model score"),
-    ("evaluate", "policy/reward_mean", "policy: reward-model score"),
-    ("evaluate", "gold/sft_score", "SFT: gold score"),
-    ("evaluate", "gold/policy_score", "policy: gold score"),
-    ("evaluate", "judge/win_rate_vs_sft", "policy: judge's win rate vs SFT"),
-    ("evaluate", "policy/kl_to_sft", "policy: KL to SFT (nats/response)"),
-    ("evaluate", "sft/mean_length", "SFT: mean length (words)"),
-    ("evaluate", "policy/mean_length", "policy: mean length (words)"),
-    ("evaluate", "sft/distinct_2", "SFT: distinct-2"),
-    ("evaluate", "policy/distinct_2", "policy: distinct-2"),
-    ("evaluate", "checks/kl_within_budget", "check: KL within budget (1 = pass)"),
-    ("evaluate", "checks/no_degeneration", "check: no degeneration (1 = pass)"),
-]
-
-
-def metrics_table(artifacts: Path = Path("artifacts")) -> str:
-    """The key metrics from each stage's ``metrics.json`` under ``artifacts``, one per line."""
-    loaded: dict[str, dict] = {}
-    lines = []
-    for stage, key, label in KEY_METRICS:
-        if stage not in loaded:
-            path = artifacts / stage / "metrics.json"
-            loaded[stage] = json.loads(path.read_text()) if path.exists() else {}
-        if key in loaded[stage]:
-            lines.append(f"  {label:<46} {loaded[stage][key]:>8.3f}")
-    run_file = artifacts / "policy" / "run.json"
-    if run_file.exists():
-        lines.insert(
-            0,
-            f"  {'policy algorithm':<46} {json.loads(run_file.read_text())['policy/algorithm']:>8}",
-        )
-    if not lines:
-        return "no metrics yet: run the pipeline first (`rlhf run` or `dvc repro`)"
-    return "\n".join(["key metrics (artifacts/*/metrics.json):", *lines])
 
 
 LOCK = Path("artifacts/.run.lock")
@@ -305,20 +287,21 @@ def _failed(state: Any, what: str) -> bool:
 def cmd_run(args: argparse.Namespace, params: Params) -> int:
     from flows.api import temporary_api
     from rlhf_tasks import preflight
+    from rlhf_tasks.tracking import store
 
     # A mistake in the params stops the run here, before it takes the project or starts an API.
     preflight.check(params)
     with project_lock("run"), temporary_api() as api:
         from flows.pipeline import rlhf_pipeline
 
-        tracking.configure(params)  # opens (and, the first time, creates) the MLflow store
+        store.configure(params)  # opens (and, the first time, creates) the MLflow store
         if api is not None:
             api.wait()
         state = rlhf_pipeline(params_path=args.params, overrides=args.overrides, return_state=True)
     if _failed(state, "pipeline"):
         return 1
     print(metrics_table())
-    decision = Path("artifacts/promote/decision.json")
+    decision = STAGES["promote"].workdir / "decision.json"
     if decision.exists():
         d = json.loads(decision.read_text())
         verdict = "champion" if d["promoted"] else "rejected: " + "; ".join(d["reasons"])
@@ -372,6 +355,7 @@ def cmd_registry(args: argparse.Namespace, params: Params) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    environment.set_defaults()
     try:
         args = _parser().parse_args(argv)
         params = load_params(args.params, args.overrides)
@@ -381,6 +365,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_data_demo(args, params)
         if args.command == "run":
             return cmd_run(args, params)
+        if args.command == "dvc-yaml":
+            return cmd_dvc_yaml(args)
         if args.command == "ingest":
             return cmd_ingest(args)
         if args.command == "metrics":

@@ -60,6 +60,10 @@ class DataConfig(_Section):
     prompts_rl: str = "data/prompts/rl.jsonl"
     prompts_heldout: str = "data/prompts/heldout.jsonl"
 
+    def roles(self) -> dict[str, str]:
+        """Each data set's name (its validated file's name) and where it is read from."""
+        return {role: getattr(self, role) for role in type(self).model_fields if role != "dir"}
+
 
 class DemoConfig(_Section):
     """The embedded demo task (``rlhf data demo``). Changing any of these changes the data md5."""

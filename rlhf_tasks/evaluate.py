@@ -19,9 +19,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from rlhf_tasks import demo, policy, reward, sft, validate
+from rlhf_tasks import demo, reward
 from rlhf_tasks.config import EvaluateSection, ModelConfig, Params
 from rlhf_tasks.errors import ConfigError
+from rlhf_tasks.locations import StageIO
 from rlhf_tasks.training import (
     load_tokenizer,
     model_kwargs,
@@ -30,9 +31,6 @@ from rlhf_tasks.training import (
     write_json,
 )
 
-DEFAULT_OUT = Path("artifacts/evaluate")
-PROMPTS = validate.DEFAULT_OUT / "data" / "prompts_heldout.jsonl"
-PAIRS = validate.DEFAULT_OUT / "data" / "preferences_heldout.jsonl"
 # A policy may change mean length or distinct-2 by this share of SFT's before it counts as
 # degenerate (unless the judge prefers it: then the change is what the judge wants).
 MAX_STYLE_CHANGE = 0.2
@@ -147,18 +145,18 @@ def compare(
     }
 
 
-def run(params: Params, out_dir: Path = DEFAULT_OUT) -> dict[str, Any]:
+def run(params: Params, io: StageIO) -> dict[str, Any]:
     """The ``evaluate`` stage: the policy stage's model against the SFT model, on the validated
     held-out prompts and pairs."""
     return evaluate(
         params.evaluate,
-        policy_dir=policy.DEFAULT_OUT / "model",
-        sft_dir=sft.DEFAULT_OUT / "model",
-        reward_dir=reward.DEFAULT_OUT / "model",
-        prompts=PROMPTS,
-        pairs=PAIRS,
-        history=policy.DEFAULT_OUT / "history.jsonl",
-        out_dir=out_dir,
+        policy_dir=io.inputs["policy_model"],
+        sft_dir=io.inputs["sft_model"],
+        reward_dir=io.inputs["reward_model"],
+        prompts=io.inputs["prompts_heldout"],
+        pairs=io.inputs["preferences_heldout"],
+        history=io.inputs["history"],
+        out_dir=io.workdir,
         model_cfg=params.model,
     )
 
@@ -172,7 +170,7 @@ def evaluate(
     prompts: str | Path,
     pairs: str | Path,
     history: str | Path | None = None,
-    out_dir: Path = DEFAULT_OUT,
+    out_dir: Path,
     model_cfg: ModelConfig | None = None,
 ) -> dict[str, Any]:
     """Evaluate the model in ``policy_dir`` against the one in ``sft_dir``; write metrics.json,

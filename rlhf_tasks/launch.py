@@ -24,12 +24,12 @@ PARENT_RUN_ENV = "RLHF_PARENT_RUN_ID"
 LAUNCHED_ENV = "RLHF_LAUNCHED"  # set for the launched processes: they never launch again
 
 
-def num_processes(name: str, params: Params) -> int:
-    """``resources.num_processes`` of the section that configures stage ``name`` (1 if none)."""
-    sections = {"sft": params.sft, "reward": params.reward}
-    sections["policy"] = getattr(params, params.policy.algorithm)
-    section = sections.get(name)
-    return section.resources.num_processes if section is not None else 1
+def num_processes(section: str | None, params: Params) -> int:
+    """``resources.num_processes`` of the params section that configures a stage's trainer (1
+    for a stage that trains nothing: ``section`` None)."""
+    if section is None:
+        return 1
+    return getattr(params, section).resources.num_processes
 
 
 def inside() -> bool:

@@ -28,29 +28,21 @@ import time
 from pathlib import Path
 from typing import Any
 
-from rlhf_tasks import launch, reward, sft, tracking, validate
+from rlhf_tasks import launch, reward
 from rlhf_tasks.config import Params
 from rlhf_tasks.errors import ConfigError
+from rlhf_tasks.locations import StageIO
 from rlhf_tasks.training import (
-    checkpoint_to_resume,
-    discard_checkpoints,
     fingerprint,
+    fit,
     load_tokenizer,
     lora_config,
     model_kwargs,
     prompt_messages,
     read_jsonl,
-    remove_checkpoints,
-    resumed_step,
-    save_plain_model,
     trainer_config,
     write_json,
 )
-
-DEFAULT_OUT = Path("artifacts/policy")
-PROMPTS = validate.DEFAULT_OUT / "data" / "prompts_rl.jsonl"
-SFT_MODEL = sft.DEFAULT_OUT / "model"
-REWARD_MODEL = reward.DEFAULT_OUT / "model"
 
 # TRL's log keys for what PPO logs as objective/scores and objective/kl (for history.jsonl).
 _TRL_KEYS = {"reward": "objective/scores", "kl": "objective/kl", "rewards/chosen": "dpo/chosen"}
@@ -65,15 +57,13 @@ def _require(path: Path, stage: str) -> str:
     return str(path)
 
 
-def run(params: Params, out_dir: Path = DEFAULT_OUT) -> dict[str, Any]:
+def run(params: Params, io: StageIO) -> dict[str, Any]:
     """The ``policy`` stage with ``policy.algorithm``; return locations and metrics."""
     algorithm = params.policy.algorithm
     started = time.perf_counter()
-    policy = _require(SFT_MODEL, "sft")
-    reward_model = None if algorithm == "dpo" else _require(REWARD_MODEL, "reward")
-    data = (
-        validate.DEFAULT_OUT / "data" / "preferences_train.jsonl" if algorithm == "dpo" else PROMPTS
-    )
+    policy = _require(io.inputs["sft_model"], "sft")
+    reward_model = None if algorithm == "dpo" else _require(io.inputs["reward_model"], "reward")
+    data = io.inputs["preferences_train" if algorithm == "dpo" else "prompts_rl"]
     read_jsonl(data, "policy")  # a clear error when the gate has not run
     section = getattr(params, algorithm)
     run_id = fingerprint(
@@ -86,24 +76,26 @@ def run(params: Params, out_dir: Path = DEFAULT_OUT) -> dict[str, Any]:
     if algorithm == "ppo":
         from rlhf_tasks import ppo  # torch: imported when a stage trains, not with the stage list
 
+        def on_update(row: dict[str, float]) -> None:
+            io.log_step(row, int(row["update"]))
+            io.progress(row["episode"] / section.total_episodes)
+
         result = ppo.train(
             section,
             policy=policy,
             reward_model=reward_model,
             prompts=data,
-            out_dir=out_dir,
+            out_dir=io.workdir,
             run_id=run_id,
             model_cfg=params.model,
-            on_update=lambda row: _on_update(row, section.total_episodes),
+            on_update=on_update,
         )
-        if launch.is_main():  # every process is done with them: ppo.train waited for all
-            discard_checkpoints(out_dir / "checkpoints")
         metrics, resumed = result["metrics"], result["resumed_from_update"]
         processes = result["num_processes"]
         profile = {f"ppo/time/{k}": round(v, 3) for k, v in result["timing"].items()}
     else:
         metrics, resumed, processes = _train_trl(
-            params, algorithm, policy, reward_model, data, out_dir, run_id
+            params, algorithm, policy, reward_model, data, io, run_id
         )
         profile = {}
     timing = {
@@ -114,20 +106,11 @@ def run(params: Params, out_dir: Path = DEFAULT_OUT) -> dict[str, Any]:
         **profile,  # PPO: episodes per second, and where the time went
     }
     if launch.is_main():  # one writer when several processes train
-        write_json(out_dir / "run.json", timing)
+        write_json(io.workdir / "run.json", timing)
     return {
-        "outputs": {
-            "model": str(out_dir / "model"),
-            "metrics": str(out_dir / "metrics.json"),
-            "history": str(out_dir / "history.jsonl"),
-        },
+        "outputs": {role: str(path) for role, path in io.outputs.items()},
         "metrics": {**metrics, **timing},
     }
-
-
-def _on_update(row: dict[str, float], total_episodes: int) -> None:
-    tracking.log_step(row, step=int(row["update"]))
-    tracking.report_progress("policy", row["episode"] / total_episodes)
 
 
 def _train_trl(
@@ -136,7 +119,7 @@ def _train_trl(
     policy: str,
     reward_model: str | None,
     data: Path,
-    out_dir: Path,
+    io: StageIO,
     run_id: str,
 ) -> tuple[dict[str, float], int, int]:
     """RLOO, GRPO or DPO through TRL, from the SFT model; saves a plain model directory."""
@@ -150,7 +133,7 @@ def _train_trl(
         getattr(trl, f"{name}Config"),
         algorithm,
         section.args,
-        output_dir=out_dir / "checkpoints",
+        output_dir=io.checkpoints,
         seed=section.seed,
         model=params.model,
     )
@@ -178,10 +161,7 @@ def _train_trl(
         peft_config=lora_config(section.lora, "CAUSAL_LM"),
         **extra,
     )
-    resume = checkpoint_to_resume(out_dir / "checkpoints", run_id, trainer)
-    start = resumed_step(resume)  # before training: the Trainer rotates that checkpoint out
-    trainer.train(resume_from_checkpoint=resume)
-    save_plain_model(trainer, out_dir / "model")
+    _, start = fit(trainer, io, run_id)
 
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
     history = []
@@ -194,8 +174,8 @@ def _train_trl(
     metrics.pop("update", None)
     metrics.pop("episode", None)
     if trainer.is_world_process_zero():
-        with (out_dir / "history.jsonl").open("w") as fh:
+        with io.outputs["history"].open("w") as fh:
             fh.writelines(json.dumps(row) + "\n" for row in history)
-        write_json(out_dir / "metrics.json", metrics)
-    remove_checkpoints(trainer, out_dir / "checkpoints")
+        write_json(io.outputs["metrics"], metrics)
+    trainer.accelerator.wait_for_everyone()
     return metrics, start, trainer.accelerator.num_processes

@@ -26,20 +26,22 @@ import contextlib
 import hashlib
 import json
 import os
-import re
 from pathlib import Path
 from typing import Any
 
-from rlhf_tasks.config import ModelConfig, Params
+from rlhf_tasks.config import Params
 from rlhf_tasks.errors import ConfigError
+from rlhf_tasks.models import check_model_location
+from rlhf_tasks.stages import STAGES
 
-# Weight files that are pickles: loading one runs whatever code it was made to run.
-PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
-# Files a checkpoint directory holds besides weights; pickles too, but never loaded as a model.
-NOT_WEIGHTS = {"training_args.bin", "optimizer.pt", "scheduler.pt", "rng_state.pth"}
-# What the hub accepts as a repo id: "name" or "org/name".
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
-
+# The TRL config class of each params section that configures one of TRL's trainers.
+TRL_CONFIGS = {
+    "sft": "SFTConfig",
+    "reward": "RewardConfig",
+    "rloo": "RLOOConfig",
+    "grpo": "GRPOConfig",
+    "dpo": "DPOConfig",
+}
 
 # TRL arguments that were found valid: the digest of what their check depends on. Building TRL's
 # config classes means importing torch, transformers, peft and TRL (seconds, and more than an
@@ -103,26 +105,23 @@ def trainer_configs(params: Params) -> dict[str, Any]:
     project's own, checked by ``load_params``). A ConfigError names the bad key of each section."""
     import trl
 
-    from rlhf_tasks import policy, reward, sft
     from rlhf_tasks.training import trainer_config
 
-    sections = {
-        "sft": (trl.SFTConfig, sft.DEFAULT_OUT),
-        "reward": (trl.RewardConfig, reward.DEFAULT_OUT),
-    }
-    algorithm = params.policy.algorithm
-    if algorithm != "ppo":
-        name = {"rloo": "RLOO", "grpo": "GRPO", "dpo": "DPO"}[algorithm]
-        sections[algorithm] = (getattr(trl, f"{name}Config"), policy.DEFAULT_OUT)
     configs, problems = {}, []
-    for section, (cls, out_dir) in sections.items():
+    for stage in STAGES.values():
+        if stage.trainer_section is None:
+            continue
+        section = stage.trainer_section(params)
+        cls = getattr(trl, TRL_CONFIGS[section]) if section in TRL_CONFIGS else None
+        if cls is None:
+            continue  # our own trainer (ppo): its section is checked by load_params
         cfg = getattr(params, section)
         try:
             configs[section] = trainer_config(
                 cls,
                 section,
                 cfg.args,
-                output_dir=out_dir / "checkpoints",
+                output_dir=stage.io().checkpoints,
                 seed=cfg.seed,
                 model=params.model,
             )
@@ -137,12 +136,10 @@ def trainer_configs(params: Params) -> dict[str, Any]:
 
 
 def _check_models(params: Params) -> None:
-    from rlhf_tasks import base_model
-
     locations = []
     name = params.model.name_or_path
     # The default, artifacts/base_model, is built by the base_model stage (the demo model).
-    if Path(name).resolve() != base_model.DEFAULT_OUT.resolve():
+    if Path(name).resolve() != Path(STAGES["base_model"].outputs["model"].path).resolve():
         locations.append(("model.name_or_path", name))
     if params.reward.init_from not in ("sft", "base"):
         locations.append(("reward.init_from", params.reward.init_from))
@@ -156,81 +153,3 @@ def _check_models(params: Params) -> None:
             problems.append(str(exc))
     if problems:
         raise ConfigError("\n".join(problems))
-
-
-def check_model_location(location: str, key: str, model: ModelConfig) -> None:
-    """``location`` (a directory or a hub id, the value of ``key``) holds a model that may be
-    loaded under ``model``'s rules; a ConfigError that says why not, otherwise."""
-    from huggingface_hub import constants, try_to_load_from_cache
-
-    path = Path(location)  # as the loaders read it: no ~ expansion
-    if path.is_dir():
-        check_model_dir(path, f"{key}={location!r}", model)
-        return
-    if path.exists():
-        raise ConfigError(f"{key}={location!r}: not a directory; expected a model directory")
-    if not _HUB_ID.match(location):
-        raise ConfigError(f"{key}={location!r}: no such directory")
-    offline = constants.is_offline_mode()
-    cached = try_to_load_from_cache(location, "config.json")
-    if isinstance(cached, str):  # a hub model already downloaded: check what is there
-        # Online, weights that are not in the cache yet are downloaded when the stage loads them.
-        where = f"{key}={location!r} (in the HF cache)"
-        check_model_dir(Path(cached).parent, where, model, weights=offline)
-    elif offline:
-        raise ConfigError(
-            f"{key}={location!r}: no such directory, and no hub model of that id in the local "
-            f"Hugging Face cache ({constants.HF_HUB_CACHE}) while the hub is offline "
-            "(HF_HUB_OFFLINE=1); download it first, or give the path of a local model directory"
-        )
-    # Online and not cached: it is downloaded when the stage loads it, and transformers refuses
-    # remote code and pickled weights then (training.model_kwargs).
-
-
-def check_model_dir(path: Path, what: str, model: ModelConfig, weights: bool = True) -> None:
-    """The directory ``path`` holds a model (config.json) whose code and weights ``model``
-    allows to load; a ConfigError naming ``what`` otherwise. ``weights=False``: only its code
-    (a hub model partly in the cache)."""
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise ConfigError(f"{what}: {path} is not a model directory (no config.json)")
-    if not model.trust_remote_code:
-        code = remote_code(path)
-        if code:
-            raise ConfigError(
-                f"{what}: the model ships its own code ({', '.join(code)}), which loading it "
-                "would run; set model.trust_remote_code=true only if you trust where it comes from"
-            )
-    if not weights:
-        return
-    safetensors = list(path.glob("*.safetensors"))
-    pickles = sorted(
-        p.name
-        for pattern in PICKLE_PATTERNS
-        for p in path.glob(pattern)
-        if p.name not in NOT_WEIGHTS
-    )
-    if not safetensors and pickles and not model.allow_pickle:
-        raise ConfigError(
-            f"{what}: its weights are pickles ({', '.join(pickles)}), and loading a pickle can "
-            "run arbitrary code; convert them to safetensors (load, then "
-            "save_pretrained(..., safe_serialization=True)), or set model.allow_pickle=true "
-            "only if you trust where they come from"
-        )
-    if not safetensors and not pickles:
-        raise ConfigError(f"{what}: no model weights in {path} (model.safetensors)")
-
-
-def remote_code(path: Path) -> list[str]:
-    """What in a model (or tokenizer) directory is code that transformers would import:
-    config.json's or tokenizer_config.json's ``auto_map``, and Python files."""
-    found = []
-    for name in ("config.json", "tokenizer_config.json"):
-        try:
-            config = json.loads((path / name).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
-        if isinstance(config, dict) and config.get("auto_map"):
-            found.append(f"auto_map in {name}")
-    found += sorted(p.name for p in path.glob("*.py"))
-    return found

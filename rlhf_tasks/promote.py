@@ -35,12 +35,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from rlhf_tasks import evaluate, policy, tracking, validate
+from rlhf_tasks import evaluate
 from rlhf_tasks.config import Params
 from rlhf_tasks.errors import ConfigError
+from rlhf_tasks.locations import StageIO
+from rlhf_tasks.models import load_tokenizer, model_kwargs
+from rlhf_tasks.stages import STAGES
+from rlhf_tasks.tracking import lineage, logged_models, progress, runs, store
 from rlhf_tasks.training import write_json
 
-DEFAULT_OUT = Path("artifacts/promote")
 CHAMPION, CHALLENGER = "champion", "challenger"
 DECISION_TAG = "rlhf.promotion"  # set on a policy version once the gate decided on it
 PREVIOUS_CHALLENGER_TAG = "rlhf.previous_challenger"
@@ -76,7 +79,7 @@ def _read(path: Path, stage: str) -> dict[str, Any]:
 def _client() -> Any:
     from mlflow import MlflowClient
 
-    return MlflowClient(tracking_uri=tracking.tracking_uri())
+    return MlflowClient(tracking_uri=store.tracking_uri())
 
 
 def alias_version(client: Any, name: str, alias: str) -> Any | None:
@@ -89,47 +92,49 @@ def alias_version(client: Any, name: str, alias: str) -> Any | None:
         return None
 
 
-def _model_uri(client: Any, stage: str, params: Params) -> str:
+def _model_uri(client: Any, stage: str, params: Params, model_dir: Path) -> str:
     """The stage's logged model; logged now (to the active run) if the stage's run is not in
     this store, e.g. after MLFLOW_TRACKING_URI changed between stages."""
     from mlflow.exceptions import MlflowException
 
-    record = tracking.recorded_run(stage) or {}
+    record = runs.recorded_run(stage) or {}
     if record.get("model_id"):
         try:
             client.get_logged_model(record["model_id"])
             return f"models:/{record['model_id']}"
         except MlflowException:
             pass
-    model_dir = Path(f"artifacts/{stage}/model")
     if not (model_dir / "config.json").exists():
         raise ConfigError(f"stage promote needs the {stage} model in {model_dir}")
-    return f"models:/{tracking.log_model(stage, model_dir, params.model)}"
+    return f"models:/{logged_models.log_model(STAGES[stage], model_dir, params.model)}"
 
 
-def register(params: Params, client: Any, evaluation: dict[str, Any]) -> dict[str, Any]:
-    """New versions of the policy and reward model, tagged; the policy's gets ``challenger``."""
+def register(
+    params: Params, client: Any, evaluation: dict[str, Any], io: StageIO
+) -> dict[str, Any]:
+    """New versions of the models the registry's stages register (the policy and the reward
+    model), tagged; the policy's gets ``challenger``."""
     import mlflow
 
     names = model_names(params)
-    report = _read(validate.DEFAULT_OUT / "report.json", "validate")
+    report = _read(io.inputs["validation"], "validate")
     tags = {
         key: value
-        for key, value in tracking.lineage(params).items()
+        for key, value in lineage.lineage(params).items()
         if key.startswith("rlhf.")  # mlflow.* tags belong to runs
     }
     tags["rlhf.validation"] = "passed" if report.get("valid") else "failed"
-    for stage in ("validate", "sft", "reward", "policy", "evaluate"):
-        record = tracking.recorded_run(stage)
+    for stage in STAGES:
+        record = runs.recorded_run(stage) if stage != "promote" else None
         if record:
             tags[f"rlhf.run.{stage}"] = record["run_id"]
-    if tracking.active():
+    if progress.active():
         tags["rlhf.run.promote"] = mlflow.active_run().info.run_id
-    algorithm = _read(policy.DEFAULT_OUT / "run.json", "policy").get("policy/algorithm", "?")
+    algorithm = params.policy.algorithm
     versions: dict[str, Any] = {}
     before = alias_version(client, names["policy"], CHALLENGER)
     try:
-        for role in ("reward", "policy"):
+        for role in (stage.name for stage in STAGES.values() if stage.registers):
             role_tags = dict(tags)
             if role == "policy":
                 role_tags["rlhf.algorithm"] = algorithm
@@ -141,7 +146,9 @@ def register(params: Params, client: Any, evaluation: dict[str, Any]) -> dict[st
             else:
                 role_tags["reward_model/accuracy"] = f"{evaluation['reward_model/accuracy']:.4f}"
             versions[role] = mlflow.register_model(
-                _model_uri(client, role, params), names[role], tags=role_tags
+                _model_uri(client, role, params, io.inputs[f"{role}_model"]),
+                names[role],
+                tags=role_tags,
             )
         client.set_model_version_tag(
             names["policy"],
@@ -199,7 +206,9 @@ def make_champion(client: Any, params: Params, version: str | int) -> None:
     client.set_registered_model_tag(name, HISTORY_TAG, ",".join(history))
 
 
-def gate(params: Params, client: Any, version: Any, evaluation: dict[str, Any]) -> dict[str, Any]:
+def gate(
+    params: Params, client: Any, version: Any, evaluation: dict[str, Any], io: StageIO
+) -> dict[str, Any]:
     """The decision for a challenger: {"promoted", "baseline", "win_rate", "reasons"}."""
     cfg = params.promote
     name = model_names(params)["policy"]
@@ -208,7 +217,7 @@ def gate(params: Params, client: Any, version: Any, evaluation: dict[str, Any]) 
         baseline, win = "sft", evaluation["judge/win_rate_vs_sft"]
     else:
         baseline = f"{name} version {champion.version} (champion)"
-        win = _win_rate_vs_champion(params, name, champion.version)
+        win = _win_rate_vs_champion(params, name, champion.version, io)
     reasons = []
     if win < cfg.min_win_rate:
         reasons.append(
@@ -240,15 +249,13 @@ def gate(params: Params, client: Any, version: Any, evaluation: dict[str, Any]) 
     }
 
 
-def _win_rate_vs_champion(params: Params, name: str, champion_version: str) -> float:
+def _win_rate_vs_champion(params: Params, name: str, champion_version: str, io: StageIO) -> float:
     """The challenger (this run's policy) against the champion, on the held-out prompts."""
     from transformers import AutoModelForCausalLM
 
-    from rlhf_tasks.training import load_tokenizer, model_kwargs
-
     load = model_kwargs(params.model)
-    challenger_dir = policy.DEFAULT_OUT / "model"
-    champion = tracking.load_logged_model(f"models:/{name}/{champion_version}", params.model)
+    challenger_dir = io.inputs["policy_model"]
+    champion = logged_models.load_logged_model(f"models:/{name}/{champion_version}", params.model)
     models = {
         "challenger": (
             AutoModelForCausalLM.from_pretrained(challenger_dir, **load),
@@ -256,7 +263,8 @@ def _win_rate_vs_champion(params: Params, name: str, champion_version: str) -> f
         ),
         "champion": (champion["model"], champion["tokenizer"]),
     }
-    return evaluate.compare(params.evaluate, models, evaluate.PROMPTS, params.model)["win_rate"]
+    prompts = io.inputs["prompts_heldout"]
+    return evaluate.compare(params.evaluate, models, prompts, params.model)["win_rate"]
 
 
 def _record(client: Any, params: Params, decision: dict[str, Any]) -> None:
@@ -276,17 +284,19 @@ def _record(client: Any, params: Params, decision: dict[str, Any]) -> None:
         make_champion(client, params, version)
 
 
-def run(params: Params, out_dir: Path = DEFAULT_OUT) -> dict[str, Any]:
-    """The ``promote`` stage: register, gate, record; return the decision and its metrics."""
-    evaluation = _read(evaluate.DEFAULT_OUT / "metrics.json", "evaluate")
+def run(params: Params, io: StageIO) -> dict[str, Any]:
+    """The ``promote`` stage: register, gate, record; return the decision and its metrics. The
+    decision is written to ``decision.json`` in its workdir."""
+    out_dir = io.workdir
+    evaluation = _read(io.inputs["evaluation"], "evaluate")
     client = _client()
     remove_unfinished(params, client)
     existing = _already_registered(params, client)
     if existing is not None:
         return _unchanged(params, client, existing, out_dir)
-    versions = register(params, client, evaluation)
+    versions = register(params, client, evaluation, io)
     try:
-        decision = gate(params, client, versions["policy"], evaluation)
+        decision = gate(params, client, versions["policy"], evaluation, io)
         _record(client, params, decision)
     except BaseException:
         unregister(client, params, versions, versions["previous_challenger"])
@@ -317,7 +327,7 @@ def _already_registered(params: Params, client: Any) -> Any | None:
     """The policy version already registered and decided on from the policy stage's current
     run, if any: a pipeline run whose policy stage was cached made no new model, so there is
     nothing to add."""
-    record = tracking.recorded_run("policy") or {}
+    record = runs.recorded_run("policy") or {}
     if not record.get("run_id"):
         return None
     name = model_names(params)["policy"]
@@ -335,7 +345,7 @@ def remove_unfinished(params: Params, client: Any) -> None:
     names = model_names(params)
     removed: set[str] = set()
     for role in ("policy", "reward"):
-        run_id = (tracking.recorded_run(role) or {}).get("run_id")
+        run_id = (runs.recorded_run(role) or {}).get("run_id")
         if not run_id:
             continue
         for mv in client.search_model_versions(f"name = '{names[role]}' and run_id = '{run_id}'"):

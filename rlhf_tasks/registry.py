@@ -11,6 +11,7 @@ from typing import Any
 from rlhf_tasks import evaluate, promote
 from rlhf_tasks.config import Params
 from rlhf_tasks.errors import ConfigError
+from rlhf_tasks.tracking import logged_models, store
 
 
 def resolve(client: Any, ref: str) -> Any:
@@ -105,8 +106,8 @@ def generate(params: Params, prompt: str, ref: str | None = None) -> str:
 
     client = promote._client()
     mv = resolve(client, ref or f"{promote.model_names(params)['policy']}@{promote.CHAMPION}")
-    mlflow.set_tracking_uri(promote.tracking.tracking_uri())
-    components = promote.tracking.load_logged_model(f"models:/{mv.name}/{mv.version}", params.model)
+    mlflow.set_tracking_uri(store.tracking_uri())
+    components = logged_models.load_logged_model(f"models:/{mv.name}/{mv.version}", params.model)
     (text,) = evaluate.generate(
         components["model"].eval(), components["tokenizer"], [prompt], params.evaluate
     )

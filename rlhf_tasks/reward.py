@@ -4,21 +4,21 @@
 
 A sequence-classification head with one output (the score) on top of the SFT model (by default,
 ``reward.init_from: sft``; ``base`` starts from ``model.name_or_path``, anything else is a path
-or hub id), trained on ``artifacts/validate/data/preferences_train.jsonl`` with the loss
+or hub id), trained on the validated training pairs (input ``preferences_train``) with the loss
 ``-log sigmoid(r_chosen - r_rejected)`` (Ouyang et al. 2022, eq. 1), or with the annotators'
 margins ``-log sigmoid(r_chosen - r_rejected - margin)`` (Touvron et al. 2023, Llama 2, eq. 2)
 when ``reward.use_margin`` is on.
 
-It is evaluated after training on ``preferences_heldout.jsonl`` by :func:`score` over the saved
-model, the function later stages use to score responses: accuracy is the share of held-out pairs
-where score(chosen) > score(rejected). Writes, under ``artifacts/reward/``:
+It is evaluated after training on the held-out pairs (``preferences_heldout``) by :func:`score`
+over the saved model, the function later stages use to score responses: accuracy is the share of
+held-out pairs where score(chosen) > score(rejected). Writes, under ``artifacts/reward/``:
 
     model/               a standard HF sequence-classification model directory with tokenizer
                          (a LoRA adapter is merged into the base weights first)
     metrics.json         held-out accuracy and mean margin, training loss (DVC metrics)
     run.json             runtime, throughput, the step a run resumed from (vary between runs)
     trainer_state.json   the trainer's state with its log history
-    checkpoints/         while it trains; removed when the run completes
+    checkpoints/         while it trains; removed once the stage is complete and tracked
 
 Pairs are formatted as the SFT data are: the prompt as a user message, each response as an
 assistant message, rendered by the tokenizer's chat template.
@@ -29,28 +29,21 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from rlhf_tasks import sft, validate
 from rlhf_tasks.config import ModelConfig, Params
 from rlhf_tasks.errors import ConfigError
+from rlhf_tasks.locations import StageIO
 from rlhf_tasks.training import (
-    checkpoint_to_resume,
     fingerprint,
+    fit,
     last_logged,
     load_tokenizer,
     lora_config,
     model_kwargs,
     prompt_messages,
     read_jsonl,
-    remove_checkpoints,
-    resumed_step,
-    save_plain_model,
     trainer_config,
-    write_json,
+    write_results,
 )
-
-DEFAULT_OUT = Path("artifacts/reward")
-TRAIN = validate.DEFAULT_OUT / "data" / "preferences_train.jsonl"
-HELDOUT = validate.DEFAULT_OUT / "data" / "preferences_heldout.jsonl"
 
 
 def conversational(rows: list[dict[str, Any]], use_margin: bool) -> list[dict[str, Any]]:
@@ -69,14 +62,15 @@ def conversational(rows: list[dict[str, Any]], use_margin: bool) -> list[dict[st
     return out
 
 
-def init_location(params: Params) -> str:
-    """Where the reward model starts from: ``reward.init_from`` resolved to a path or hub id."""
+def init_location(params: Params, io: StageIO) -> str:
+    """Where the reward model starts from: ``reward.init_from`` resolved to a path or hub id
+    (``sft``: the SFT stage's model, input ``sft_model``)."""
     init = params.reward.init_from
     if init == "base":
         return params.model.name_or_path
     if init != "sft":
         return init
-    location = sft.DEFAULT_OUT / "model"
+    location = io.inputs["sft_model"]
     if not (location / "config.json").exists():
         raise ConfigError(
             f"reward.init_from=sft: there is no SFT model in {location}; run `rlhf stage sft` "
@@ -85,7 +79,7 @@ def init_location(params: Params) -> str:
     return str(location)
 
 
-def build_trainer(params: Params, out_dir: Path = DEFAULT_OUT) -> Any:
+def build_trainer(params: Params, io: StageIO) -> Any:
     """The RewardTrainer of this stage, its data tokenized (``trainer.train_dataset``)."""
     from datasets import Dataset
     from trl import RewardConfig, RewardTrainer
@@ -95,12 +89,12 @@ def build_trainer(params: Params, out_dir: Path = DEFAULT_OUT) -> Any:
         RewardConfig,
         "reward",
         cfg.args,
-        output_dir=out_dir / "checkpoints",
+        output_dir=io.checkpoints,
         seed=cfg.seed,
         model=params.model,
     )
-    init = init_location(params)
-    rows = read_jsonl(TRAIN, "reward")
+    init = init_location(params, io)
+    rows = read_jsonl(io.inputs["preferences_train"], "reward")
     tokenizer = load_tokenizer(init, params.model.trust_remote_code, "reward.init_from")
     return RewardTrainer(
         model=init,
@@ -179,26 +173,21 @@ def evaluate(model: Any, tokenizer: Any, rows: list[dict[str, Any]], batch_size:
     }
 
 
-def run(params: Params, out_dir: Path = DEFAULT_OUT) -> dict[str, Any]:
+def run(params: Params, io: StageIO) -> dict[str, Any]:
     """The ``reward`` stage: train, save the (merged) model, score the held-out pairs with the
     saved model; return locations and metrics."""
     cfg = params.reward
-    heldout = read_jsonl(HELDOUT, "reward")
-    trainer = build_trainer(params, out_dir)
-    init = init_location(params)
+    heldout = read_jsonl(io.inputs["preferences_heldout"], "reward")
+    trainer = build_trainer(params, io)
     # Resume only a run of these params on these inputs (see training.checkpoint_to_resume).
     run_id = fingerprint(
-        inputs=[str(TRAIN), init],
+        inputs=[str(io.inputs["preferences_train"]), init_location(params, io)],
         stage="reward",
         reward=cfg.model_dump(),
         model=params.model.model_dump(),
     )
-    resume = checkpoint_to_resume(out_dir / "checkpoints", run_id, trainer)
-    start = resumed_step(resume)  # before training: the Trainer rotates that checkpoint out
-    result = trainer.train(resume_from_checkpoint=resume)
-
-    model_dir = out_dir / "model"
-    save_plain_model(trainer, model_dir)
+    result, start = fit(trainer, io, run_id)
+    model_dir = io.outputs["model"]
     model, tokenizer = load_reward_model(model_dir, params.model)
     held = evaluate(model, tokenizer, heldout, cfg.eval_batch_size)
     state = trainer.state
@@ -223,11 +212,7 @@ def run(params: Params, out_dir: Path = DEFAULT_OUT) -> dict[str, Any]:
         ),
         "reward_model/resumed_from_step": start,
     }
-    if trainer.is_world_process_zero():
-        write_json(out_dir / "metrics.json", metrics)
-        write_json(out_dir / "run.json", timing)
-        state.save_to_json(str(out_dir / "trainer_state.json"))
-    remove_checkpoints(trainer, out_dir / "checkpoints")
+    write_results(trainer, io, metrics, timing)
     print(
         f"reward: {metrics['reward_model/steps']} steps in "
         f"{timing['reward_model/train_runtime_s']} s; held-out accuracy "
@@ -235,6 +220,6 @@ def run(params: Params, out_dir: Path = DEFAULT_OUT) -> dict[str, Any]:
         f"{metrics['reward_model/mean_margin']:.3f}; model in {model_dir}"
     )
     return {
-        "outputs": {"model": str(model_dir), "metrics": str(out_dir / "metrics.json")},
+        "outputs": {"model": str(model_dir), "metrics": str(io.outputs["metrics"])},
         "metrics": {**metrics, **timing},
     }

@@ -2,16 +2,16 @@
 
     rlhf stage sft [-S sft.args.num_train_epochs=1] [-S sft.lora.enabled=true]
 
-Reads ``model.name_or_path`` (the base model) and ``artifacts/validate/data/sft_train.jsonl``
-(the demonstrations that passed the validation gate). Writes, under ``artifacts/sft/``:
+Reads ``model.name_or_path`` (the base model) and the demonstrations that passed the validation
+gate (input ``sft_train``). Writes, under ``artifacts/sft/`` (the locations the registry gives):
 
     model/               a standard Hugging Face model directory with its tokenizer; with LoRA
                          the adapter is merged into the base weights first (a plain model)
     metrics.json         loss and token accuracy (DVC metrics: deterministic for given inputs)
     run.json             runtime, throughput, the step a run resumed from (vary between runs)
     trainer_state.json   the trainer's state with its log history (the loss curve)
-    checkpoints/         while it trains; a killed run resumes from the last one, and a run that
-                         completes removes them
+    checkpoints/         while it trains; a killed run resumes from the last one, and the
+                         runner removes them once the stage is complete and tracked
 
 Each row becomes TRL's *conversational* prompt-completion form, ``prompt=[user message]``,
 ``completion=[assistant message]``, so that the tokenizer's chat template renders it as the
@@ -22,28 +22,21 @@ concatenated with no separator and no turn markers. The loss is on the completio
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
-from rlhf_tasks import validate
 from rlhf_tasks.config import Params
+from rlhf_tasks.locations import StageIO
 from rlhf_tasks.training import (
-    checkpoint_to_resume,
     fingerprint,
+    fit,
     last_logged,
     load_tokenizer,
     lora_config,
     prompt_messages,
     read_jsonl,
-    remove_checkpoints,
-    resumed_step,
-    save_plain_model,
     trainer_config,
-    write_json,
+    write_results,
 )
-
-DEFAULT_OUT = Path("artifacts/sft")
-DATA = validate.DEFAULT_OUT / "data" / "sft_train.jsonl"
 
 
 def conversational(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -57,21 +50,16 @@ def conversational(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     ]
 
 
-def build_trainer(params: Params, out_dir: Path = DEFAULT_OUT) -> Any:
+def build_trainer(params: Params, io: StageIO) -> Any:
     """The SFTTrainer of this stage, its data tokenized (``trainer.train_dataset``)."""
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
     cfg, model = params.sft, params.model
     args = trainer_config(
-        SFTConfig,
-        "sft",
-        cfg.args,
-        output_dir=out_dir / "checkpoints",
-        seed=cfg.seed,
-        model=model,
+        SFTConfig, "sft", cfg.args, output_dir=io.checkpoints, seed=cfg.seed, model=model
     )
-    rows = read_jsonl(DATA, "sft")
+    rows = read_jsonl(io.inputs["sft_train"], "sft")
     tokenizer = load_tokenizer(model.name_or_path, model.trust_remote_code, "model.name_or_path")
     return SFTTrainer(
         model=model.name_or_path,
@@ -82,24 +70,19 @@ def build_trainer(params: Params, out_dir: Path = DEFAULT_OUT) -> Any:
     )
 
 
-def run(params: Params, out_dir: Path = DEFAULT_OUT) -> dict[str, Any]:
+def run(params: Params, io: StageIO) -> dict[str, Any]:
     """The ``sft`` stage: train, save the (merged) model and the metrics; return locations and
     metrics."""
     cfg = params.sft
-    trainer = build_trainer(params, out_dir)
+    trainer = build_trainer(params, io)
     # Resume only a run of these params on these inputs (see training.checkpoint_to_resume).
     run_id = fingerprint(
-        inputs=[str(DATA), params.model.name_or_path],
+        inputs=[str(io.inputs["sft_train"]), params.model.name_or_path],
         stage="sft",
         sft=cfg.model_dump(),
         model=params.model.model_dump(),
     )
-    resume = checkpoint_to_resume(out_dir / "checkpoints", run_id, trainer)
-    start = resumed_step(resume)  # before training: the Trainer rotates that checkpoint out
-    result = trainer.train(resume_from_checkpoint=resume)
-
-    model_dir = out_dir / "model"
-    save_plain_model(trainer, model_dir)
+    result, start = fit(trainer, io, run_id)
     state = trainer.state
     train_loss = round(result.training_loss, 6)
     final_loss = last_logged(state.log_history, "loss")
@@ -121,16 +104,12 @@ def run(params: Params, out_dir: Path = DEFAULT_OUT) -> dict[str, Any]:
         "sft/resumed_from_step": start,
         "sft/num_processes": trainer.accelerator.num_processes,
     }
-    if trainer.is_world_process_zero():
-        write_json(out_dir / "metrics.json", metrics)
-        write_json(out_dir / "run.json", timing)
-        state.save_to_json(str(out_dir / "trainer_state.json"))
-    remove_checkpoints(trainer, out_dir / "checkpoints")
+    write_results(trainer, io, metrics, timing)
     print(
         f"sft: {metrics['sft/steps']} steps in {timing['sft/train_runtime_s']} s, final loss "
-        f"{metrics['sft/final_loss']:.3f}; model in {model_dir}"
+        f"{metrics['sft/final_loss']:.3f}; model in {io.outputs['model']}"
     )
     return {
-        "outputs": {"model": str(model_dir), "metrics": str(out_dir / "metrics.json")},
+        "outputs": {"model": str(io.outputs["model"]), "metrics": str(io.outputs["metrics"])},
         "metrics": {**metrics, **timing},
     }

@@ -1,7 +1,6 @@
-"""What the training stages (``sft``, ``reward``) share: TRL arguments from params, LoRA, chat
-messages, checkpoints to resume from, and saving a plain model directory.
-
-Each helper is used by both stages; the stages themselves read top to bottom in their modules.
+"""What the training stages share: TRL arguments from params, LoRA, chat messages, checkpoints
+to resume from, and the outline of a stage that trains with one of TRL's trainers (``fit``, then
+``write_results``), written once for ``sft``, ``reward`` and the policy's RLOO, GRPO and DPO.
 """
 
 from __future__ import annotations
@@ -13,13 +12,18 @@ import hashlib
 import json
 import re
 import shutil
+import sys
 import types
 import typing
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rlhf_tasks.config import LoraSection, ModelConfig
 from rlhf_tasks.errors import CheckpointError, ConfigError
+from rlhf_tasks.models import load_tokenizer, model_kwargs  # noqa: F401  (TEMP: ppo still imports them here)
+
+if TYPE_CHECKING:
+    from rlhf_tasks.locations import StageIO
 
 # TrainingArguments fields that the stage sets itself, and where the user sets them instead.
 RESERVED_ARGS = {
@@ -55,18 +59,6 @@ LOWER_BOUNDS: dict[str, tuple[float, bool]] = {
     "temperature": (0, False),
 }
 UPPER_BOUNDS: dict[str, float] = {"adam_beta1": 1, "adam_beta2": 1}  # exclusive
-
-
-def model_kwargs(model: ModelConfig | None = None) -> dict[str, Any]:
-    """The keyword arguments of every ``from_pretrained`` that loads model weights: remote code
-    only if ``model.trust_remote_code``, safetensors only unless ``model.allow_pickle``
-    (unpickling a ``pytorch_model.bin`` can run arbitrary code). Tokenizers and configs take
-    ``trust_remote_code`` alone."""
-    model = model or ModelConfig()
-    kwargs: dict[str, Any] = {"trust_remote_code": model.trust_remote_code}
-    if not model.allow_pickle:
-        kwargs["use_safetensors"] = True
-    return kwargs
 
 
 # -- TRL's config classes, from params --------------------------------------------------------
@@ -149,8 +141,6 @@ def trainer_config(
     """
     import torch
 
-    from rlhf_tasks.tracking import active as tracking_active
-
     fields = {f.name for f in dataclasses.fields(cls) if f.init}
     hints = typing.get_type_hints(cls)
     checked: dict[str, Any] = {}
@@ -176,8 +166,8 @@ def trainer_config(
         return cls(
             output_dir=str(output_dir),
             seed=seed,
-            # Per-step metrics go to the stage's MLflow run when it is tracked (see tracking.py).
-            report_to="mlflow" if tracking_active() else "none",
+            # Per-step metrics go to the stage's MLflow run when the runner tracks it.
+            report_to="mlflow" if _mlflow_run_active() else "none",
             **stage,
             **checked,
         )
@@ -229,24 +219,6 @@ def read_jsonl(path: Path, stage: str) -> list[dict[str, Any]]:
         )
     with path.open(encoding="utf-8") as fh:
         return [json.loads(line) for line in fh if line.strip()]
-
-
-def load_tokenizer(location: str, trust_remote_code: bool, what: str) -> Any:
-    """The tokenizer at ``location``; a ConfigError that says what to do when it is missing."""
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(
-            f"{what}={location!r} could not be loaded ({str(exc).splitlines()[0]}); build it "
-            "first with its stage, or check the path (offline runs need hub models in the local "
-            "HF cache)"
-        ) from None
-    # transformers records HF_HUB_OFFLINE as `local_files_only` in the saved tokenizer_config;
-    # dropped so that a saved model does not depend on the environment it was trained in.
-    tokenizer.init_kwargs.pop("local_files_only", None)
-    return tokenizer
 
 
 # -- checkpoints ------------------------------------------------------------------------------
@@ -373,7 +345,13 @@ def guard_checkpoint_writes(trainer: Any, checkpoints: Path) -> None:
                 shutil.rmtree(path, ignore_errors=True)
             raise checkpoint_error(path, exc, last_complete_checkpoint(checkpoints)) from exc
 
-    trainer._save_checkpoint = save  # the instance's: Trainer calls self._save_checkpoint
+    # A private method, on purpose: transformers (5.x) has no public hook around a checkpoint
+    # write. Callbacks' on_save runs only after a save succeeded, and nothing is called when one
+    # fails, so the partial directory could not be told from a complete one. Only this
+    # instance's method is replaced (Trainer calls self._save_checkpoint(model, trial));
+    # tests/code/test_training.py::test_trainer_still_saves_through_save_checkpoint fails when
+    # transformers renames it or stops calling it.
+    trainer._save_checkpoint = save
 
 
 def resumed_step(checkpoint: str | None) -> int:
@@ -382,27 +360,6 @@ def resumed_step(checkpoint: str | None) -> int:
     if checkpoint is None:
         return 0
     return int(json.loads((Path(checkpoint) / TRAINER_STATE).read_text())["global_step"])
-
-
-def remove_checkpoints(trainer: Any, checkpoints: Path) -> None:
-    """A completed Trainer run's checkpoints, when every process is done with them (see
-    ``discard_checkpoints``)."""
-    trainer.accelerator.wait_for_everyone()
-    if trainer.accelerator.is_main_process:
-        discard_checkpoints(checkpoints)
-
-
-def discard_checkpoints(checkpoints: Path) -> None:
-    """A completed run's checkpoints are of no further use once its model is saved and, when the
-    stage is tracked, logged: removed now, or by ``tracking.stage_run`` once the stage's MLflow
-    run is complete. (A tracking server that fails after training then costs no training: the
-    rerun resumes from the last checkpoint, the end of training.)"""
-    from rlhf_tasks import tracking
-
-    if tracking.active():
-        tracking.remove_when_tracked(checkpoints)
-    else:
-        shutil.rmtree(checkpoints, ignore_errors=True)
 
 
 # -- outputs ----------------------------------------------------------------------------------
@@ -426,6 +383,40 @@ def save_plain_model(trainer: Any, out_dir: Path) -> None:
     model.config.use_cache = True  # training turns the KV cache off; generation wants it
     model.save_pretrained(out_dir, safe_serialization=True)
     trainer.processing_class.save_pretrained(out_dir)
+
+
+def _mlflow_run_active() -> bool:
+    """Whether this process has an active MLflow run (the runner tracks the stage). Read from
+    sys.modules: a stage that nothing tracks never imports MLflow for it."""
+    mlflow = sys.modules.get("mlflow")
+    return mlflow is not None and mlflow.active_run() is not None
+
+
+def fit(trainer: Any, io: StageIO, run_id: str) -> tuple[Any, int]:
+    """The outline every stage that trains with one of TRL's trainers shares: resume this run's
+    last complete checkpoint (``run_id``: a digest of its params and inputs, so that a changed
+    run starts anew), train, save the model as a plain directory in ``io.outputs["model"]``.
+    Returns TRL's ``TrainOutput`` and the step it resumed from (0: none). The runner removes
+    the checkpoints once the stage is complete and tracked."""
+    resume = checkpoint_to_resume(io.checkpoints, run_id, trainer)
+    start = resumed_step(resume)  # before training: the Trainer rotates that checkpoint out
+    result = trainer.train(resume_from_checkpoint=resume)
+    save_plain_model(trainer, io.outputs["model"])
+    return result, start
+
+
+def write_results(
+    trainer: Any, io: StageIO, metrics: dict[str, Any], timing: dict[str, Any]
+) -> None:
+    """What a TRL stage leaves besides its model, written by one process: ``metrics`` (DVC
+    metrics: deterministic for given inputs) to ``io.outputs["metrics"]``; ``timing`` (runtime,
+    throughput, the step it resumed from: they vary between runs) to ``run.json`` and the
+    trainer's state with its log history to ``trainer_state.json`` in the stage's workdir."""
+    if trainer.is_world_process_zero():
+        write_json(io.outputs["metrics"], metrics)
+        write_json(io.workdir / "run.json", timing)
+        trainer.state.save_to_json(str(io.workdir / "trainer_state.json"))
+    trainer.accelerator.wait_for_everyone()
 
 
 def last_logged(log_history: list[dict[str, Any]], key: str) -> float | None:

@@ -54,8 +54,8 @@ import pandas as pd
 from rlhf_tasks.config import Params, ValidateConfig
 from rlhf_tasks.data import Dataset, KeyIndex, iter_chunks, write_jsonl
 from rlhf_tasks.errors import ConfigError, DataError
+from rlhf_tasks.locations import StageIO
 
-DEFAULT_OUT = Path("artifacts/validate")
 CONTROL_CHARS = "[\x00-\x08\x0b-\x1f\x7f-\x9f]"
 PAIR_KINDS = ("preferences",)
 # Rows that did not parse are reported once, by "parseable"; every other check skips them.
@@ -556,7 +556,7 @@ def load_tokenizer(params: Params) -> tuple[Any, int]:
     except (OSError, ValueError) as exc:
         hint = (
             "build it first with `rlhf stage base_model` (or `dvc repro base_model`)"
-            if location == "artifacts/base_model"
+            if Path(location).parts[:1] == ("artifacts",)  # a stage's output, not built yet
             else "check model.name_or_path (offline runs need the model in the local HF cache)"
         )
         raise ConfigError(
@@ -577,11 +577,13 @@ def validate(
     params: Params,
     paths: list[str] | None = None,
     heldout: list[str] | None = None,
-    out_dir: Path = DEFAULT_OUT,
+    *,
+    out_dir: Path,
 ) -> tuple[Report, dict[str, Any]]:
     """Run the gate. With ``paths``, validate those files as one data set (``heldout`` for the
-    overlap check); otherwise the data sets of ``params.yaml``. Returns the report and the
-    stage result: output locations and metrics.
+    overlap check); otherwise the data sets of ``params.yaml``. Writes ``report.json``, the
+    validated data (``data/<name>.jsonl``) and Great Expectations' Data Docs (``data_docs/``) in
+    ``out_dir``. Returns the report and the stage result: output locations and metrics.
     """
     cfg = params.validate_config
     if paths:
@@ -639,10 +641,11 @@ class ValidationFailed(DataError):
     """The gate stopped the run: at least one check with severity ``error`` failed."""
 
 
-def run(params: Params, out_dir: Path = DEFAULT_OUT) -> dict[str, Any]:
+def run(params: Params, io: StageIO) -> dict[str, Any]:
     """The ``validate`` stage: run the gate on params.yaml's data, print the summary, and raise
-    ValidationFailed (after writing the report) when the data must not reach training."""
-    report, result = validate(params, out_dir=out_dir)
+    ValidationFailed (after writing the report) when the data must not reach training. The only
+    writer of the stage's outputs: ``rlhf validate PATH`` and ``rlhf ingest`` check elsewhere."""
+    report, result = validate(params, out_dir=io.workdir)
     print(summary(report, result["outputs"]))
     if not report.valid:
         failed = ", ".join(sorted({f"{c.dataset}/{c.check}" for c in report.failed}))

@@ -23,9 +23,10 @@ for _var, _value in {
 }.items():
     os.environ[_var] = _value
 
-from rlhf_tasks import base_model, data, demo, validate  # noqa: E402
+from rlhf_tasks import base_model, data, demo  # noqa: E402
 from rlhf_tasks.cli import main  # noqa: E402
 from rlhf_tasks.config import DataConfig, DemoConfig, ModelConfig, Params  # noqa: E402
+from rlhf_tasks.stages import STAGES  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def base_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The demo's tiny base model (tokenizer + random-init Llama), built once per session."""
     out = tmp_path_factory.mktemp("base_model")
-    base_model.build(Params(model=ModelConfig(name_or_path=str(out))), out)
+    base_model.build_in(Params(model=ModelConfig(name_or_path=str(out))), out)
     return out
 
 
@@ -107,7 +108,7 @@ def validated(project: Path):
         heldout: int | None = 32,
         prompts: int | None = 32,
     ) -> Path:
-        d, out = DataConfig(), project / validate.DEFAULT_OUT / "data"
+        d, out = DataConfig(), project / STAGES["validate"].outputs["data"].path
         for name, path, rows in (
             ("sft_train", d.sft_train, sft),
             ("preferences_train", d.preferences_train, pairs),

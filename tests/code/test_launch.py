@@ -10,9 +10,11 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from rlhf_tasks import launch, tracking
+from rlhf_tasks import launch
 from rlhf_tasks.config import load_params
-from rlhf_tasks.stages import run_stage
+from rlhf_tasks.runner import run_stage
+from rlhf_tasks.stages import STAGES
+from rlhf_tasks.tracking import store
 
 pytestmark = pytest.mark.slow
 
@@ -26,10 +28,14 @@ def test_num_processes_comes_from_the_stage_section(project: Path) -> None:
             "grpo.resources.num_processes=3",
         ],
     )
-    assert launch.num_processes("sft", params) == 2
-    assert launch.num_processes("reward", params) == 1
-    assert launch.num_processes("policy", params) == 3  # the configured algorithm's section
-    assert launch.num_processes("evaluate", params) == 1
+    sections = {
+        name: stage.trainer_section(params) if stage.trainer_section else None
+        for name, stage in STAGES.items()
+    }
+    assert sections["policy"] == params.policy.algorithm  # the configured algorithm's section
+    processes = {name: launch.num_processes(s, params) for name, s in sections.items()}
+    assert (processes["sft"], processes["reward"], processes["policy"]) == (2, 1, 3)
+    assert processes["evaluate"] == 1
 
 
 def test_sft_and_ppo_in_two_processes(project: Path, validated, base_model_dir: Path) -> None:
@@ -67,7 +73,7 @@ def test_sft_and_ppo_in_two_processes(project: Path, validated, base_model_dir: 
         json.loads((project / "artifacts/policy/run.json").read_text())["policy/num_processes"] == 2
     )
     # One MLflow run per stage, from the main process only.
-    client = MlflowClient(tracking_uri=tracking.tracking_uri())
+    client = MlflowClient(tracking_uri=store.tracking_uri())
     runs = client.search_runs([client.get_experiment_by_name("rlhf").experiment_id])
     assert sorted(r.info.run_name for r in runs) == ["policy", "sft"]
     assert all(r.info.status == "FINISHED" for r in runs)

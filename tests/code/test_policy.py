@@ -11,9 +11,9 @@ import pytest
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from rlhf_tasks import policy
 from rlhf_tasks.config import load_params
 from rlhf_tasks.errors import ConfigError
+from rlhf_tasks.stages import call
 
 TRL_TINY = [
     "max_steps=2",
@@ -56,7 +56,7 @@ def upstream(project: Path, validated, base_model_dir: Path) -> Path:
 @pytest.mark.parametrize("algorithm", ["ppo", "rloo", "grpo", "dpo"])
 def test_each_algorithm_trains_the_sft_model_into_a_policy(upstream: Path, algorithm: str):
     params = load_params("params.yaml", [f"policy.algorithm={algorithm}", *TINY[algorithm]])
-    result = policy.run(params)
+    result = call("policy", params)
 
     model_dir = upstream / result["outputs"]["model"]
     model = AutoModelForCausalLM.from_pretrained(model_dir)
@@ -80,10 +80,10 @@ def test_policy_stage_needs_the_reward_model(project: Path, validated, base_mode
     validated(prompts=8)
     shutil.copytree(base_model_dir, project / "artifacts/sft/model")
     with pytest.raises(ConfigError, match="needs the reward model in artifacts/reward/model"):
-        policy.run(load_params("params.yaml"))
+        call("policy", load_params("params.yaml"))
 
 
 def test_unknown_trl_argument_is_a_config_error(upstream: Path):
     params = load_params("params.yaml", ["policy.algorithm=grpo", "grpo.args.num_generation=2"])
     with pytest.raises(ConfigError, match=r"grpo\.args\.num_generation: .*'num_generations'"):
-        policy.run(params)
+        call("policy", params)

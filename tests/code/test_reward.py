@@ -13,6 +13,7 @@ from trl import RewardTrainer
 from rlhf_tasks import reward
 from rlhf_tasks.config import load_params
 from rlhf_tasks.errors import ConfigError
+from rlhf_tasks.stages import STAGES, call
 from rlhf_tasks.training import save_plain_model
 
 # From the random-init base model (no SFT run needed), a few steps of batch 8.
@@ -32,7 +33,7 @@ def _params(*overrides: str, tiny: list[str] = TINY):
 
 def test_run_writes_a_reward_model_and_held_out_metrics(project: Path, validated):
     validated(pairs=64, heldout=32)
-    result = reward.run(_params())
+    result = call("reward", _params())
 
     model_dir = project / "artifacts/reward/model"
     assert result["outputs"]["model"] == "artifacts/reward/model"
@@ -58,7 +59,7 @@ def test_run_writes_a_reward_model_and_held_out_metrics(project: Path, validated
 def test_pairs_are_rendered_by_the_chat_template(project: Path, validated):
     data_dir = validated(pairs=8, heldout=8)
     row = json.loads((data_dir / "preferences_train.jsonl").read_text().splitlines()[0])
-    trainer = reward.build_trainer(_params())
+    trainer = reward.build_trainer(_params(), STAGES["reward"].io())
     example = trainer.train_dataset[0]
     decode = trainer.processing_class.decode
     human = f"<s>Human: {row['prompt']}\n\nAssistant: "
@@ -66,7 +67,7 @@ def test_pairs_are_rendered_by_the_chat_template(project: Path, validated):
     assert decode(example["rejected_ids"]) == f"{human}{row['rejected']}</s>"
     assert "margin" not in trainer.train_dataset.column_names
 
-    with_margin = reward.build_trainer(_params("reward.use_margin=true"))
+    with_margin = reward.build_trainer(_params("reward.use_margin=true"), STAGES["reward"].io())
     assert with_margin.train_dataset[0]["margin"] == row["margin"]
 
 
@@ -89,9 +90,9 @@ def test_score_is_independent_of_batching_and_padding(project: Path, base_model_
 def test_unknown_or_reserved_reward_args_are_config_errors(project: Path, validated, rlhf):
     validated(pairs=8, heldout=8)
     with pytest.raises(ConfigError, match=r"reward\.args\.num_epochs.*'num_train_epochs'"):
-        reward.run(_params("reward.args.num_epochs=2"))
+        call("reward", _params("reward.args.num_epochs=2"))
     with pytest.raises(ConfigError, match=r"reward\.args\.seed: set it as reward\.seed"):
-        reward.run(_params("reward.args.seed=1"))
+        call("reward", _params("reward.args.seed=1"))
     code, _, err = rlhf("stage", "reward", "-S", "reward.args.learning_rate=fast")
     assert code == 2
     assert "reward.args.learning_rate: expected float, got 'fast'" in err
@@ -109,7 +110,7 @@ def test_lora_reward_model_is_merged_with_its_trained_head(
 ):
     validated(pairs=32, heldout=8)
     params = _params("reward.lora.enabled=true", "reward.args.learning_rate=1.0e-2")
-    trainer = reward.build_trainer(params)
+    trainer = reward.build_trainer(params, STAGES["reward"].io())
     trainer.train()
     pairs = [json.loads(line) for line in reward.HELDOUT.read_text().splitlines()]
     prompts, responses = [p["prompt"] for p in pairs], [p["chosen"] for p in pairs]
@@ -145,8 +146,8 @@ def test_a_killed_run_resumes(project: Path, validated, monkeypatch: pytest.Monk
     with monkeypatch.context() as m:
         m.setattr(RewardTrainer, "_save_checkpoint", save_then_die)
         with pytest.raises(Killed):
-            reward.run(_params())
-    result = reward.run(_params())
+            call("reward", _params())
+    result = call("reward", _params())
     assert result["metrics"]["reward_model/resumed_from_step"] == 2
     final = json.loads((project / "artifacts/reward/trainer_state.json").read_text())
     assert final["global_step"] == 4
@@ -199,7 +200,7 @@ QUICK_TRAINING = [
 def test_a_briefly_trained_reward_model_ranks_good_answers_above_bad_ones(project: Path, validated):
     validated(pairs=None, heldout=8)
     short = ["reward.init_from=base", "reward.args.disable_tqdm=true", *QUICK_TRAINING]
-    result = reward.run(_params(tiny=short))
+    result = call("reward", _params(tiny=short))
     model, tokenizer = reward.load_reward_model(result["outputs"]["model"])
     prompts, good, bad = (list(column) for column in zip(*GOOD_AND_BAD, strict=True))
     good_scores = reward.score(model, tokenizer, prompts, good)

@@ -13,6 +13,7 @@ from trl import SFTTrainer
 from rlhf_tasks import sft
 from rlhf_tasks.config import load_params
 from rlhf_tasks.errors import ConfigError
+from rlhf_tasks.stages import STAGES, call
 
 # A few steps of batch 8: seconds on a CPU. logging_steps=1 so every step is in the log history.
 TINY = [
@@ -30,7 +31,7 @@ def _params(*overrides: str):
 
 def test_run_writes_a_model_directory_and_metrics(project: Path, validated, base_model_dir: Path):
     validated(sft=64)
-    result = sft.run(_params())
+    result = call("sft", _params())
 
     model_dir = project / "artifacts/sft/model"
     assert result["outputs"]["model"] == "artifacts/sft/model"
@@ -65,7 +66,7 @@ def test_training_text_is_the_chat_template_with_loss_on_the_completion_only(
 ):
     data_dir = validated(sft=8)
     row = json.loads((data_dir / "sft_train.jsonl").read_text().splitlines()[0])
-    trainer = sft.build_trainer(_params())
+    trainer = sft.build_trainer(_params(), STAGES["sft"].io())
     example = trainer.train_dataset[0]
     tokenizer = trainer.processing_class
     ids, labels = example["input_ids"], example["labels"]
@@ -91,7 +92,7 @@ def test_training_text_is_the_chat_template_with_loss_on_the_completion_only(
 def test_unknown_sft_arg_is_a_config_error(project: Path, validated, rlhf):
     validated(sft=8)
     with pytest.raises(ConfigError, match=r"sft\.args\.learnin_rate.*'learning_rate'"):
-        sft.run(_params("sft.args.learnin_rate=0.1"))
+        call("sft", _params("sft.args.learnin_rate=0.1"))
 
     code, _, err = rlhf("stage", "sft", "-S", "sft.args.learnin_rate=0.1")
     assert code == 2
@@ -101,7 +102,7 @@ def test_unknown_sft_arg_is_a_config_error(project: Path, validated, rlhf):
 
 def test_lora_saves_a_merged_plain_model(project: Path, validated, base_model_dir: Path):
     validated(sft=32)
-    sft.run(_params("sft.lora.enabled=true", "sft.lora.r=4", "sft.args.learning_rate=1.0e-2"))
+    call("sft", _params("sft.lora.enabled=true", "sft.lora.r=4", "sft.args.learning_rate=1.0e-2"))
 
     model_dir = project / "artifacts/sft/model"
     names = {p.name for p in model_dir.iterdir()}
@@ -151,13 +152,13 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(
     with monkeypatch.context() as m:
         _kill_after_first_checkpoint(m)
         with pytest.raises(Killed):
-            sft.run(_params())
+            call("sft", _params())
     state = json.loads((checkpoints / "checkpoint-2" / "trainer_state.json").read_text())
     assert state["global_step"] == 2
     assert not (project / "artifacts/sft/model").exists()
 
     steps = _count_steps(monkeypatch)
-    result = sft.run(_params())
+    result = call("sft", _params())
     assert result["metrics"]["sft/resumed_from_step"] == 2
     assert steps == [2, 3]  # only the steps after the checkpoint were trained
     final = json.loads((project / "artifacts/sft/trainer_state.json").read_text())
@@ -175,10 +176,10 @@ def test_checkpoints_of_other_params_are_not_resumed(
     with monkeypatch.context() as m:
         _kill_after_first_checkpoint(m)
         with pytest.raises(Killed):
-            sft.run(_params())
+            call("sft", _params())
 
     steps = _count_steps(monkeypatch)
-    result = sft.run(_params("sft.args.learning_rate=1.0e-4"))
+    result = call("sft", _params("sft.args.learning_rate=1.0e-4"))
     assert result["metrics"]["sft/resumed_from_step"] == 0
     assert steps == [0, 1, 2, 3]
     assert "other params or inputs; starting anew" in capsys.readouterr().out

@@ -124,3 +124,19 @@ def test_only_a_complete_checkpoint_is_resumed(tmp_path: Path, capsys):
     out = capsys.readouterr().out
     assert f"{checkpoints / 'checkpoint-6'}: incomplete" in out
     assert f"resuming from {checkpoints / 'checkpoint-2'}" in out
+
+
+def test_trainer_still_saves_through_save_checkpoint():
+    """guard_checkpoint_writes replaces a Trainer's private _save_checkpoint (transformers has no
+    public hook around a checkpoint write): this fails loudly when transformers renames it,
+    changes its arguments or stops calling it when it saves."""
+    import inspect
+
+    from transformers import Trainer
+
+    assert list(inspect.signature(Trainer._save_checkpoint).parameters) == [
+        "self",
+        "model",
+        "trial",
+    ]
+    assert "self._save_checkpoint(model, trial)" in inspect.getsource(Trainer)

@@ -19,9 +19,10 @@ from helpers import POLICY, REWARD
 from mlflow import MlflowClient
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from rlhf_tasks import promote, tracking
+from rlhf_tasks import promote
 from rlhf_tasks.config import load_params
-from rlhf_tasks.stages import run_stage
+from rlhf_tasks.runner import run_stage
+from rlhf_tasks.tracking import store
 
 DATA_MD5 = "0123456789abcdef0123456789abcdef.dir"
 
@@ -65,7 +66,7 @@ def promote_stage(*overrides: str) -> dict:
 
 
 def client() -> MlflowClient:
-    return MlflowClient(tracking_uri=tracking.tracking_uri())
+    return MlflowClient(tracking_uri=store.tracking_uri())
 
 
 def test_first_model_is_judged_against_sft_and_becomes_champion(trained: Path) -> None:
@@ -228,7 +229,7 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory, monkeypatch):
 
 
 def test_register_and_promote_against_an_mlflow_server(trained: Path, mlflow_server: Path, rlhf):
-    assert tracking.tracking_uri().startswith("http://127.0.0.1:")
+    assert store.tracking_uri().startswith("http://127.0.0.1:")
     decision = promote_stage()
     assert decision["promoted"]
     evaluation(trained, {**GOOD, "judge/win_rate_vs_sft": 0.9})

@@ -229,7 +229,7 @@ def test_the_flow_checks_before_its_first_stage(project: Path, monkeypatch: pyte
         raise AssertionError("the flow went past its checks")
 
     monkeypatch.setattr(pipeline, "_result_storage", started)
-    monkeypatch.setattr(pipeline.tracking, "pipeline_run", started)
+    monkeypatch.setattr(pipeline.runs, "pipeline_run", started)
     monkeypatch.setattr(pipeline, "run_stage", started)
     try:
         outcome = pipeline.rlhf_pipeline.fn("params.yaml", ["reward.args.learning_rate=-3"])

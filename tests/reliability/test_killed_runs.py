@@ -17,9 +17,12 @@ from mlflow import MlflowClient
 from reliability_helpers import Run, complete_checkpoint, make_fast
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from rlhf_tasks import promote, tracking
+from rlhf_tasks import promote
 from rlhf_tasks.config import load_params
-from rlhf_tasks.stages import run_stage
+from rlhf_tasks.runner import run_stage
+from rlhf_tasks.stages import STAGES as REGISTRY
+from rlhf_tasks.tracking import runs as tracked_runs
+from rlhf_tasks.tracking import store
 
 pytestmark = pytest.mark.slow
 
@@ -126,9 +129,9 @@ def test_a_promote_killed_half_way_is_undone_by_the_next(
     (project / "artifacts/evaluate/metrics.json").write_text(json.dumps(GOOD))
     params = load_params("params.yaml", [])
     for stage in ("reward", "policy"):  # their MLflow runs, with their models, as the stages log
-        with tracking.stage_run(stage, params) as result:
+        with tracked_runs.stage_run(REGISTRY[stage], params) as result:
             result["outputs"] = {"model": f"artifacts/{stage}/model"}
-    client = MlflowClient(tracking_uri=tracking.tracking_uri())
+    client = MlflowClient(tracking_uri=store.tracking_uri())
 
     def killed(*args, **kwargs):
         raise Killed

@@ -13,9 +13,10 @@ from mlflow import MlflowClient
 from reliability_helpers import MlflowServer, Run, complete_checkpoint, make_fast
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from rlhf_tasks import ppo, sft
+from rlhf_tasks import ppo
 from rlhf_tasks.config import PpoSection, load_params
 from rlhf_tasks.errors import CheckpointError
+from rlhf_tasks.stages import call
 
 pytestmark = pytest.mark.slow
 
@@ -65,7 +66,7 @@ def test_sft_checkpoint_failures_keep_the_last_complete_checkpoint(
     with monkeypatch.context() as m:
         _fail_writing(m, "checkpoint-4/optimizer.pt", Killed())
         with pytest.raises(Killed):
-            sft.run(load_params("params.yaml", SFT))
+            call("sft", load_params("params.yaml", SFT))
     assert (checkpoints / "checkpoint-4/model.safetensors").exists()
     assert not (checkpoints / "checkpoint-4/trainer_state.json").exists()
     assert (checkpoints / "checkpoint-2/trainer_state.json").exists()
@@ -87,7 +88,7 @@ def test_sft_checkpoint_failures_keep_the_last_complete_checkpoint(
     assert not (project / "artifacts/sft/model").exists()
 
     # 3. With space again, the stage resumes from checkpoint-4 and completes.
-    result = sft.run(load_params("params.yaml", SFT))
+    result = call("sft", load_params("params.yaml", SFT))
     assert result["metrics"]["sft/resumed_from_step"] == 4
     assert result["metrics"]["sft/steps"] == 6
     assert (project / "artifacts/sft/model/model.safetensors").exists()

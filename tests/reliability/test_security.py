@@ -15,9 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from rlhf_tasks import preflight, reward, tracking
+from rlhf_tasks import preflight, reward
 from rlhf_tasks.config import ModelConfig, Params, load_params
 from rlhf_tasks.errors import ConfigError
+from rlhf_tasks.stages import STAGES
+from rlhf_tasks.tracking import lineage, logged_models, runs, store
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -123,7 +125,7 @@ def test_trl_loads_its_model_by_the_same_rules(validated, project: Path, pickled
     validated(sft=8)
     params = load_params("params.yaml", [f"model.name_or_path={pickled_model}"])
     with pytest.raises(OSError, match=r"model\.safetensors"):
-        sft.build_trainer(params, project / "artifacts" / "sft")
+        sft.build_trainer(params, STAGES["sft"].io())
 
 
 def test_every_trl_config_carries_the_loading_rules(project: Path):
@@ -274,8 +276,8 @@ def test_urls_are_recorded_without_their_credentials(
 ) -> None:
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "https://alice:s3cret-pw@mlflow.example:5000")
-    tracking.record_run("policy", run_id="abc", tracking_uri=tracking.tracking_uri())
-    record = (tracking.RUNS_DIR / "policy.json").read_text()
+    runs.record_run("policy", run_id="abc", tracking_uri=store.tracking_uri())
+    record = (runs.RUNS_DIR / "policy.json").read_text()
     assert "s3cret-pw" not in record and "alice" not in record
     assert json.loads(record)["tracking_uri"] == "https://mlflow.example:5000"
 
@@ -285,7 +287,7 @@ def test_urls_are_recorded_without_their_credentials(
         "[core]\n    remote = team\n"
         "['remote \"team\"']\n    url = https://bob:t0ken-xyz@dvc.example/store?token=t0ken-abc\n"
     )
-    remote = tracking.lineage(Params())["rlhf.dvc_remote"]
+    remote = lineage.lineage(Params())["rlhf.dvc_remote"]
     assert remote == "team: https://dvc.example/store?token=***"
 
     # The link to the MLflow run in Prefect's evaluation artifact.
@@ -307,7 +309,9 @@ def test_a_registered_model_is_checked_before_mlflow_loads_it(
     mlflow.set_tracking_uri(f"sqlite:///{demo_run.clone / 'mlflow.db'}")
     try:
         uri = "models:/rlhf-demo-policy/1"
-        components = tracking.load_logged_model(uri)  # the pipeline's own: safetensors, no code
+        components = logged_models.load_logged_model(
+            uri
+        )  # the pipeline's own: safetensors, no code
         assert {"model", "tokenizer"} <= set(components)
 
         artifacts = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
@@ -319,7 +323,7 @@ def test_a_registered_model_is_checked_before_mlflow_loads_it(
                 (copy / "model" / "model.safetensors").rename(copy / "model" / "pytorch_model.bin")
             monkeypatch.setattr(mlflow.artifacts, "download_artifacts", lambda c=copy, **_: str(c))
             with pytest.raises(ConfigError, match=r"^models:/rlhf-demo-policy/1: "):
-                tracking.load_logged_model(uri)
+                logged_models.load_logged_model(uri)
     finally:
         mlflow.set_tracking_uri(previous)
 
