@@ -220,7 +220,7 @@ class PolicySection(_Section):
 
 
 class PpoSection(_Section):
-    """Our PPO (``rlhf_tasks/ppo.py``): per-token KL penalty to the SFT model, GAE, clipped
+    """Our PPO (``rlhf_tasks/ppo/``): per-token KL penalty to the SFT model, GAE, clipped
     policy and value losses. One *update* = a rollout of ``rollout_batch_size`` prompts, then
     ``ppo_epochs`` passes of minibatch steps over it."""
 

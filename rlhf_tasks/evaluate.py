@@ -23,9 +23,8 @@ from rlhf_tasks import demo, reward
 from rlhf_tasks.config import EvaluateSection, ModelConfig, Params
 from rlhf_tasks.errors import ConfigError
 from rlhf_tasks.locations import StageIO
+from rlhf_tasks.models import load_tokenizer, model_kwargs
 from rlhf_tasks.training import (
-    load_tokenizer,
-    model_kwargs,
     prompt_messages,
     read_jsonl,
     write_json,

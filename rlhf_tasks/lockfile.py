@@ -43,6 +43,9 @@ def not_recordable(stage: Stage, params: Params) -> str | None:
         return "this project has no DVC repository (.dvc/) or no dvc.yaml"
     if not DEFAULT_PARAMS.is_file():
         return f"there is no {DEFAULT_PARAMS}, where dvc.yaml reads the params"
+    missing = [dep for dep in stage.deps() if not Path(dep).exists()]
+    if missing:
+        return f"dvc.yaml's deps {', '.join(missing[:3])} are not in this directory"
     recorded = load_params(DEFAULT_PARAMS).model_dump(mode="json", by_alias=True)
     used = params.model_dump(mode="json", by_alias=True)
     differ = [s for s in stage.sections if recorded.get(s) != used.get(s)]
@@ -67,8 +70,13 @@ def record(stage: Stage, params: Params) -> str | None:
     would update them. Returns why it was not recorded, if it was not."""
     why = not_recordable(stage, params)
     if why is None:
-        with _repo() as repo:
-            repo.commit(stage.name, force=True)
+        from dvc.exceptions import DvcException
+
+        try:
+            with _repo() as repo:
+                repo.commit(stage.name, force=True)
+        except DvcException as exc:  # the stage succeeded: its record is what failed
+            return f"DVC could not record it ({exc})"
     return why
 
 

@@ -4,7 +4,7 @@
 
 ``policy.algorithm`` picks the trainer; each reads its own params section:
 
-    ppo    this project's PPO (rlhf_tasks/ppo.py) against the reward model, with a per-token KL
+    ppo    this project's PPO (rlhf_tasks/ppo/) against the reward model, with a per-token KL
            penalty to the SFT model                                            section ``ppo``
     rloo   TRL's RLOOTrainer, the reward model as reward function               section ``rloo``
     grpo   TRL's GRPOTrainer, the reward model as reward function               section ``grpo``
@@ -32,12 +32,11 @@ from rlhf_tasks import launch, reward
 from rlhf_tasks.config import Params
 from rlhf_tasks.errors import ConfigError
 from rlhf_tasks.locations import StageIO
+from rlhf_tasks.models import load_tokenizer, model_kwargs
 from rlhf_tasks.training import (
     fingerprint,
     fit,
-    load_tokenizer,
     lora_config,
-    model_kwargs,
     prompt_messages,
     read_jsonl,
     trainer_config,

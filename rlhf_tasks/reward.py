@@ -32,13 +32,12 @@ from typing import Any
 from rlhf_tasks.config import ModelConfig, Params
 from rlhf_tasks.errors import ConfigError
 from rlhf_tasks.locations import StageIO
+from rlhf_tasks.models import load_tokenizer, model_kwargs
 from rlhf_tasks.training import (
     fingerprint,
     fit,
     last_logged,
-    load_tokenizer,
     lora_config,
-    model_kwargs,
     prompt_messages,
     read_jsonl,
     trainer_config,

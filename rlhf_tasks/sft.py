@@ -26,11 +26,11 @@ from typing import Any
 
 from rlhf_tasks.config import Params
 from rlhf_tasks.locations import StageIO
+from rlhf_tasks.models import load_tokenizer
 from rlhf_tasks.training import (
     fingerprint,
     fit,
     last_logged,
-    load_tokenizer,
     lora_config,
     prompt_messages,
     read_jsonl,

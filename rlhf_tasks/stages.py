@@ -110,6 +110,10 @@ class Stage:
             and any(_within(p, Path(o.path)) for p in mine for o in other.outputs.values())
         ]
 
+    def deps(self) -> list[str]:
+        """Its deps in dvc.yaml: its inputs, then its code."""
+        return [*self.inputs.values(), *code_deps(self.module)]
+
     def metrics_file(self) -> str | None:
         return next((out.path for out in self.outputs.values() if out.metric), None)
 
@@ -313,7 +317,7 @@ def dvc_yaml() -> str:
     stages: dict[str, Any] = {}
     for stage in STAGES.values():
         entry: dict[str, Any] = {"cmd": f"rlhf stage {stage.name}"}
-        entry["deps"] = [*stage.inputs.values(), *code_deps(stage.module)]
+        entry["deps"] = stage.deps()
         entry["params"] = list(stage.sections)
         outs, metrics, plots = [], [], []
         for out in stage.outputs.values():

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from rlhf_tasks.config import LoraSection, ModelConfig
 from rlhf_tasks.errors import CheckpointError, ConfigError
-from rlhf_tasks.models import load_tokenizer, model_kwargs  # noqa: F401  (TEMP: ppo still imports them here)
+from rlhf_tasks.models import model_kwargs
 
 if TYPE_CHECKING:
     from rlhf_tasks.locations import StageIO

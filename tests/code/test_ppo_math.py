@@ -1,4 +1,4 @@
-"""The PPO maths of rlhf_tasks/ppo.py against values computed by hand."""
+"""The PPO maths of rlhf_tasks/ppo/maths.py against values computed by hand."""
 
 from __future__ import annotations
 

@@ -1,0 +1,216 @@
+"""The rollout of one PPO update: sample responses to a batch of prompts, cut them after their
+first EOS, score them, and turn the scores into per-token rewards and advantages.
+
+Also the forward passes it needs (log-probs of the sampled tokens, the scalar head of a reward
+or value model) and the prompts, rendered with the chat template. Shapes as in ``maths``:
+B responses of T tokens; ``context_len`` is the width of the left-padded prompts.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rlhf_tasks.config import PpoSection
+from rlhf_tasks.ppo.maths import gae, masked_whiten, token_rewards, truncate_after_eos
+
+
+def sequence_logprobs(
+    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, context_len: int, temp: float
+) -> torch.Tensor:
+    """Log-probs (B, T) of the response tokens ``input_ids[:, context_len:]`` under ``model``.
+
+    Logits are divided by the sampling temperature, so that they are the log-probs the tokens
+    were sampled with (Huang et al., 2024, detail 8).
+
+    Only the positions that predict response tokens go through the LM head
+    (``logits_to_keep``): the prompt's logits are never computed. The log-softmax is taken only
+    at the sampled tokens (their logit minus the log-sum-exp), not over the whole vocabulary.
+    """
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # left padding of the prompt
+    responses = input_ids[:, context_len:]
+    logits = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        logits_to_keep=responses.shape[1] + 1,  # positions context_len - 1 ... end
+    ).logits
+    logits = logits[:, :-1].float() / temp  # position t predicts token t + 1
+    chosen = torch.gather(logits, 2, responses.unsqueeze(-1)).squeeze(-1)
+    return chosen - logits.logsumexp(-1)
+
+
+def token_scores(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The scalar head of a sequence-classification model at every position, (B, L).
+
+    The reward model's score of a sequence is this at its last real token; the value model's
+    value of the state before response token t is this at position t - 1.
+    """
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    backbone = getattr(model, model.base_model_prefix)
+    hidden = backbone(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
+    ).last_hidden_state
+    return model.score(hidden).squeeze(-1).float()
+
+
+class ValueModel(torch.nn.Module):
+    """The value model as a module whose forward is ``token_scores``, so that under DDP every
+    call goes through the DDP wrapper (which synchronises the gradients)."""
+
+    def __init__(self, model: Any) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return token_scores(self.model, input_ids, attention_mask)
+
+
+def load_prompts(path: Path, tokenizer: Any) -> list[list[int]]:
+    """Prompts rendered with the chat template's generation prompt, as token ids."""
+    prompts = [json.loads(line)["prompt"] for line in path.open(encoding="utf-8") if line.strip()]
+    texts = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False
+        )
+        for p in prompts
+    ]
+    # The template writes the BOS itself.
+    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+
+def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    return ids, mask
+
+
+def draw_prompts(prompt_ids: list[list[int]], n: int, mine: slice) -> list[list[int]]:
+    """A fresh random draw of ``n`` prompts for an update, and of those this process's share
+    (``mine``). One ``torch.randperm`` on the global RNG, which the update has just seeded."""
+    order = torch.randperm(len(prompt_ids))
+    return [prompt_ids[i] for i in order[:n][mine].tolist()]
+
+
+@dataclass
+class Models:
+    """The models a rollout runs, and the tokenizer they share."""
+
+    accelerator: Any
+    policy: Any  # as ``accelerator.prepare`` returned it; with LoRA a PEFT model
+    critic: Any  # the ValueModel, prepared likewise (DDP-wrapped under several processes)
+    scorer: Any  # the frozen reward model
+    ref_policy: Any | None  # the frozen reference; None with LoRA (the adapter is disabled instead)
+    tokenizer: Any
+
+
+def reference_logprobs(
+    models: Models, sequences: torch.Tensor, attention: torch.Tensor, context_len: int, temp: float
+) -> torch.Tensor:
+    """Log-probs (B, T) of the responses under the reference of the KL penalty: its own frozen
+    copy of the initial policy or, with LoRA, the policy with its adapter disabled."""
+    if models.ref_policy is not None:
+        return sequence_logprobs(models.ref_policy, sequences, attention, context_len, temp)
+    with models.accelerator.unwrap_model(models.policy).disable_adapter():
+        return sequence_logprobs(models.policy, sequences, attention, context_len, temp)
+
+
+@dataclass
+class Rollout:
+    """One update's batch: the sampled responses and everything the PPO epochs and the metrics
+    need of them. Tensors are (B, T) unless said otherwise."""
+
+    queries: torch.Tensor  # the left-padded prompts, (B, context_len)
+    context_len: int
+    sequences: torch.Tensor  # prompts then responses, (B, context_len + T)
+    attention: torch.Tensor  # attention mask of ``sequences``, (B, context_len + T)
+    mask: torch.Tensor  # 1 on response tokens up to and including the first EOS
+    responses: torch.Tensor  # sampled tokens, padding after the first EOS
+    logprobs: torch.Tensor  # under the policy that sampled them
+    ref_logprobs: torch.Tensor  # under the reference
+    values: torch.Tensor  # the value model's value of the state before each token
+    scores: torch.Tensor  # the reward model's score of each sequence, (B,)
+    has_eos: torch.Tensor  # whether each response ended with an EOS, (B,) bool
+    kl: torch.Tensor  # per-token KL estimate logp - ref_logp
+    rewards: torch.Tensor  # per-token rewards: KL penalty, plus the score on the last token
+    advantages: torch.Tensor  # GAE, whitened over the real tokens
+    returns: torch.Tensor  # the value targets
+
+
+def rollout(
+    models: Models,
+    prompts: list[list[int]],
+    cfg: PpoSection,
+    kl_coef: float,
+    clock: Callable[[str], AbstractContextManager[None]],
+) -> Rollout:
+    """Sample a response to each of ``prompts`` (token ids), cut it after its first EOS and
+    score it with the reward model (less ``missing_eos_penalty`` without an EOS); then the
+    per-token rewards with the KL penalty at ``kl_coef`` and GAE advantages, whitened over the
+    real tokens. Only the sampling draws on the RNG. ``clock`` times the phases "generation"
+    and "scoring"."""
+    accelerator, policy = models.accelerator, models.policy
+    pad_id, eos_id = models.tokenizer.pad_token_id, models.tokenizer.eos_token_id
+    queries, query_mask = (t.to(accelerator.device) for t in _left_pad(prompts, pad_id))
+    context_len = queries.shape[1]
+
+    policy.eval()
+    with torch.no_grad(), clock("generation"):
+        generated = accelerator.unwrap_model(policy).generate(
+            input_ids=queries,
+            attention_mask=query_mask,
+            max_new_tokens=cfg.response_length,
+            do_sample=True,
+            temperature=cfg.temperature,
+            top_k=0,
+            top_p=1.0,
+            pad_token_id=pad_id,
+            eos_token_id=eos_id,
+        )
+        responses = generated[:, context_len:]
+        responses = torch.nn.functional.pad(
+            responses, (0, cfg.response_length - responses.shape[1]), value=pad_id
+        )
+        responses, mask = truncate_after_eos(responses, eos_id, pad_id)
+    with torch.no_grad(), clock("scoring"):
+        sequences = torch.cat([queries, responses], dim=1)  # (B, context_len + T)
+        attention = torch.cat([query_mask, mask], dim=1)
+        logprobs = sequence_logprobs(policy, sequences, attention, context_len, cfg.temperature)
+        ref_logprobs = reference_logprobs(
+            models, sequences, attention, context_len, cfg.temperature
+        )
+        values = models.critic(sequences, attention)[:, context_len - 1 : -1]
+        last = context_len - 1 + mask.sum(1)  # position of each sequence's last real token
+        scores = token_scores(models.scorer, sequences, attention)[torch.arange(len(last)), last]
+        has_eos = (responses == eos_id).any(1)
+        if cfg.missing_eos_penalty is not None:
+            scores = torch.where(has_eos, scores, scores - cfg.missing_eos_penalty)
+
+        # Rewards with the KL penalty, then GAE advantages, whitened over real tokens.
+        rewards, kl = token_rewards(scores, logprobs, ref_logprobs, mask, kl_coef)
+        advantages, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
+        advantages = masked_whiten(advantages, mask)
+    return Rollout(
+        queries=queries,
+        context_len=context_len,
+        sequences=sequences,
+        attention=attention,
+        mask=mask,
+        responses=responses,
+        logprobs=logprobs,
+        ref_logprobs=ref_logprobs,
+        values=values,
+        scores=scores,
+        has_eos=has_eos,
+        kl=kl,
+        rewards=rewards,
+        advantages=advantages,
+        returns=returns,
+    )
