@@ -132,40 +132,70 @@ def test_fresh_clone_demo_check(tmp_path: Path):
 
 
 @pytest.mark.slow
-def test_fresh_clone_demo_gives_the_outputs_dvc_lock_records(demo_run) -> None:
-    """`make demo` on a fresh clone (`rlhf data demo --check`, then the Prefect flow) passes the
-    gate, runs every stage, and leaves the outputs dvc.lock records: DVC sees nothing to
-    reproduce, so `dvc repro` and the flow are the same pipeline.
-
-    Trained outputs are compared only where they can be: training is bit-identical on one
-    machine (the same run twice gives the same bytes) but not across CPU types, whose math
-    kernels round differently (an AVX-512 machine and an AVX2 one give different SFT weights
-    from the same inputs). So the data, the code and the params every stage reads, and the
-    outputs no training touches (base_model, validate), must match dvc.lock exactly; a model
-    or a metric file that a training stage wrote may differ. That still fails when a stage's
-    code or params changed and dvc.lock was not updated."""
+def test_after_the_demo_dvc_status_is_clean_and_dvc_lock_is_the_run_s_record(demo_run) -> None:
+    """`make demo` on a fresh clone (`rlhf data demo --check`, then the Prefect flow) records
+    each stage it runs in dvc.lock and DVC's cache, on whatever CPU trained it: DVC sees nothing
+    to reproduce (dvc.lock holds the hashes of the models now on disk), and `dvc push` uploads
+    the models."""
     clone = demo_run.clone
     for stage in yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]:
         assert (clone / "artifacts/mlflow_runs" / f"{stage}.json").exists(), stage
-    trained = ("artifacts/sft", "artifacts/reward", "artifacts/policy", "artifacts/evaluate")
-    # DVC's other remark may be that the outputs are not in its cache (the flow does not
-    # `dvc commit`).
-    status = json.loads(sh(BIN / "dvc", "status", "--json", cwd=clone, code=clone).stdout)
-    unexpected = [
-        f"{stage}: {kind}: {path}: {what}"
-        for stage, changes in status.items()
-        for change in changes
-        for kind, paths in (change.items() if isinstance(change, dict) else [(change, {"": "?"})])
-        for path, what in paths.items()
-        if (kind, what) != ("changed outs", "not in cache")
-        and not (what == "modified" and path.startswith(trained))
-    ]
-    assert not unexpected, (
-        "after `rlhf run` on a fresh clone, DVC sees changes: a stage's code, params or data "
-        "changed and dvc.lock was not updated (run `dvc repro` and commit dvc.lock), or an "
-        f"untrained output is not deterministic.\n{unexpected}"
+    status = sh(BIN / "dvc", "status", "--json", cwd=clone, code=clone).stdout
+    assert json.loads(status) == {}, status
+    lock = yaml.safe_load((clone / "dvc.lock").read_text())["stages"]
+    (policy_out,) = [o for o in lock["policy"]["outs"] if o["path"] == "artifacts/policy/model"]
+    assert policy_out["md5"].endswith(".dir")
+    # dvc.lock is the only file in git the run changed (when this CPU trained other bytes than
+    # the committed record's): outputs are git-ignored, data/ is DVC's.
+    changed = sh("git", "status", "--porcelain", cwd=clone).stdout
+    assert {line[3:] for line in changed.splitlines()} <= {"dvc.lock"}, changed
+    pushed = sh(BIN / "dvc", "push", cwd=clone, code=clone)
+    assert "pushed" in pushed.stdout or "Everything is up to date" in pushed.stdout
+    cloud = sh(BIN / "dvc", "status", "--cloud", "--json", cwd=clone, code=clone).stdout
+    assert json.loads(cloud) == {}, cloud
+
+
+def test_runs_record_the_version_of_the_data_they_read(
+    tmp_path: Path, demo_root: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """rlhf.data_md5 is the md5 of the .dvc file that tracks the files read, when they are in the
+    version it records; else DVC's hash of the files themselves, tagged untracked, with a
+    warning."""
+    from rlhf_tasks.tracking.lineage import UntrackedDataWarning, data_version, lineage
+
+    repo = _git_dvc_repo(tmp_path / "repo")
+    shutil.copytree(demo_root / "data", repo / "data")
+    sh(BIN / "dvc", "add", "data", cwd=repo)
+    (repo / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    monkeypatch.chdir(repo)
+    params = load_params("params.yaml")
+    tracked = data_version(params)
+    assert (tracked.md5, tracked.tracked) == (_outs(repo / "data.dvc")["md5"], True)
+
+    outside = tmp_path / "elsewhere"  # the same files, outside data/: no .dvc file tracks them
+    shutil.copytree(repo / "data", outside)
+    moved = params.model_copy(
+        update={
+            "data": params.data.model_copy(
+                update={
+                    role: str(outside / Path(path).relative_to("data"))
+                    for role, path in params.data.roles().items()
+                }
+            )
+        }
     )
-    assert "dvc.lock" not in sh("git", "status", "--porcelain", cwd=clone).stdout
+    untracked = data_version(moved)
+    assert not untracked.tracked and untracked.md5.endswith(".dir")
+    assert untracked.md5 != tracked.md5  # the files read, not all of data/ (stats.json)
+    with pytest.warns(UntrackedDataWarning, match="not versioned by DVC"):
+        tags = lineage(moved)
+    assert (tags["rlhf.data_md5"], tags["rlhf.data_dvc_tracked"]) == (untracked.md5, "false")
+    assert str(outside) in tags["rlhf.data_paths"]
+
+    train = repo / "data/sft/train.jsonl"  # tracked, but changed since `dvc add`
+    train.write_text(train.read_text()[:-200])
+    changed = data_version(params)
+    assert not changed.tracked and "differs from its record in data.dvc" in changed.why_untracked
 
 
 # -- `rlhf data demo` does not overwrite data silently ------------------------------------------

@@ -7,12 +7,14 @@ import shutil
 from pathlib import Path
 
 import pytest
-from helpers import FEW_STEPS
+import yaml
+from helpers import BIN, FEW_STEPS, ROOT, sh
 from mlflow import MlflowClient
 from prefect.client.orchestration import get_client
 from prefect.testing.utilities import prefect_test_harness
 
 from flows.pipeline import rlhf_pipeline
+from rlhf_tasks import lockfile
 from rlhf_tasks.stages import STAGES
 
 pytestmark = pytest.mark.slow
@@ -24,9 +26,37 @@ def prefect_api():
         yield
 
 
-def test_flow_runs_every_stage_in_order(project: Path) -> None:
-    state = rlhf_pipeline(params_path="params.yaml", overrides=FEW_STEPS, return_state=True)
+@pytest.fixture
+def dvc_project(project: Path) -> Path:
+    """The ``project`` as a DVC repository with the stages' code (dvc.yaml's deps) and the
+    training shrunk to a few steps in params.yaml itself: what DVC records is params.yaml."""
+    shutil.copytree(ROOT / "rlhf_tasks", project / "rlhf_tasks")
+    sh(BIN / "dvc", "init", "--no-scm", "-q", cwd=project)
+    _set_params(project, FEW_STEPS)
+    return project
+
+
+def _set_params(project: Path, overrides: list[str]) -> None:
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    for override in overrides:
+        key, _, value = override.partition("=")
+        *parents, leaf = key.split(".")
+        section = params
+        for name in parents:
+            section = section.setdefault(name, {})
+        section[leaf] = yaml.safe_load(value)
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def test_flow_runs_every_stage_in_order_and_dvc_records_it(dvc_project: Path, rlhf) -> None:
+    """One flow run: every stage in order, each recorded in dvc.lock (dvc status is clean).
+    Then what DVC finds unchanged is Cached: same inputs, every stage but promote; a changed
+    ppo param, policy and the stages after it; a deleted output, its stage. A change to
+    reward.py changes every stage whose code imports it. A check of a file leaves it all."""
+    project = dvc_project
+    state = rlhf_pipeline(params_path="params.yaml", return_state=True)
     assert state.is_completed(), state.message
+    assert set(_task_states(state).values()) == {"Completed"}
     results = state.result()
     assert list(results) == list(STAGES)
     assert (project / "artifacts/validate/report.json").exists()
@@ -34,7 +64,7 @@ def test_flow_runs_every_stage_in_order(project: Path) -> None:
     # reward (init_from: sft) could only start from the model that the sft task had just saved.
     assert results["sft"]["metrics"]["sft/steps"] == 2
     assert (project / results["reward"]["outputs"]["model"] / "config.json").exists()
-    assert "reward_model/accuracy" in results["reward"]["metrics"]
+    assert results["reward"]["metrics"]["reward_model/steps"] == 2
     # policy trained from that SFT model against that reward model; evaluate compared them.
     assert results["policy"]["metrics"]["policy/algorithm"] == "ppo"
     assert "gold/win_rate_vs_sft" in results["evaluate"]["metrics"]
@@ -49,6 +79,54 @@ def test_flow_runs_every_stage_in_order(project: Path) -> None:
     with get_client(sync_client=True) as client:
         assert client.read_global_concurrency_limit_by_name("gpu").limit == 1
         assert client.read_global_concurrency_limit_by_name("promotion").limit == 1
+    # DVC recorded every stage: nothing to reproduce, the models are in its cache.
+    assert lockfile.status() == {}
+    lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
+    assert list(lock) == list(STAGES)
+    assert not (project / "artifacts/sft/checkpoints").exists()  # removed once tracked
+
+    second = rlhf_pipeline(params_path="params.yaml", return_state=True)
+    assert second.is_completed(), second.message
+    states = _task_states(second)
+    assert states == {name: "Cached" for name in STAGES} | {"promote": "Completed"}, states
+    # The outputs on disk and the metrics their run wrote.
+    assert second.result()["reward"]["metrics"] == json.loads(
+        (project / "artifacts/reward/metrics.json").read_text()
+    )
+    # A cached policy is no new model: promote registers nothing, it says which version it is.
+    assert second.result()["promote"]["metrics"]["promote/new_version"] == 0
+    client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+    assert len(client.search_model_versions("name = 'rlhf-demo-policy'")) == 1
+
+    _set_params(project, ["ppo.ppo_epochs=2"])
+    third = rlhf_pipeline(params_path="params.yaml", return_state=True)
+    assert third.is_completed(), third.message
+    ran = {name for name, state in _task_states(third).items() if state == "Completed"}
+    assert ran == {"policy", "evaluate", "promote"}, _task_states(third)
+    assert len(client.search_model_versions("name = 'rlhf-demo-policy'")) == 2
+    assert lockfile.status() == {}
+
+    shutil.rmtree(project / "artifacts/sft/model")  # an output DVC recorded is gone
+    fourth = rlhf_pipeline(params_path="params.yaml", return_state=True)
+    assert fourth.is_completed(), fourth.message
+    states = _task_states(fourth)
+    assert states["sft"] == "Completed" and (project / "artifacts/sft/model").exists()
+    # SFT is deterministic: the same model again, so the reward model's inputs are unchanged.
+    assert states["reward"] == "Cached", states
+
+    # An ad-hoc check of a file writes its own report, never the validate stage's outputs.
+    validated = sorted(p.name for p in (project / "artifacts/validate/data").iterdir())
+    code, out, _ = rlhf("validate", "data/sft/train.jsonl")
+    assert code == 0, out
+    assert (project / "artifacts/checks/validate/report.json").exists()
+    assert sorted(p.name for p in (project / "artifacts/validate/data").iterdir()) == validated
+    assert lockfile.status() == {}
+
+    # The code a stage imports is its dep: reward.py is read by reward, policy (PPO's scorer
+    # format), evaluate and promote.
+    reward_py = project / "rlhf_tasks/reward.py"
+    reward_py.write_text(reward_py.read_text() + "\n# changed\n")
+    assert set(lockfile.status()) == {"reward", "policy", "evaluate", "promote"}
 
 
 def test_failed_gate_fails_the_flow_and_writes_no_data(project: Path) -> None:
@@ -56,9 +134,7 @@ def test_failed_gate_fails_the_flow_and_writes_no_data(project: Path) -> None:
     train.write_text(train.read_text() + '{"prompt": "Tell me about dogs.", "chosen": \n')
     state = rlhf_pipeline(params_path="params.yaml", return_state=True)
     assert state.is_failed()
-    assert "validation gate failed" in state.message or "validation gate failed" in str(
-        state.result(raise_on_failure=False)
-    )
+    assert state.message.startswith("ValidationFailed: validation gate failed"), state.message
     report = _artifacts(state, "validation-report")[-1].data
     assert "| preferences_train | parseable |" in report and "train.jsonl:" in report
     assert (project / "artifacts/validate/report.json").exists()
@@ -118,37 +194,3 @@ def _task_states(flow_state) -> dict[str, str]:
             flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
         )
     return {run.name: run.state.name for run in runs}
-
-
-def test_unchanged_stages_are_cached_across_runs(project: Path) -> None:
-    """Same inputs: every stage but promote is Cached. Changed ppo params: policy and the
-    stages after it run again. A deleted output: its stage runs again instead of crashing."""
-    first = rlhf_pipeline(params_path="params.yaml", overrides=FEW_STEPS, return_state=True)
-    assert first.is_completed(), first.message
-    assert set(_task_states(first).values()) == {"Completed"}
-
-    second = rlhf_pipeline(params_path="params.yaml", overrides=FEW_STEPS, return_state=True)
-    assert second.is_completed(), second.message
-    states = _task_states(second)
-    assert states == {name: "Cached" for name in STAGES} | {"promote": "Completed"}, states
-    assert second.result()["sft"] == first.result()["sft"]  # the previous result, reused
-    # A cached policy is no new model: promote registers nothing, it says which version it is.
-    assert second.result()["promote"]["metrics"]["promote/new_version"] == 0
-    client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
-    assert len(client.search_model_versions("name = 'rlhf-demo-policy'")) == 1
-
-    changed = [*FEW_STEPS, "ppo.ppo_epochs=2"]
-    third = rlhf_pipeline(params_path="params.yaml", overrides=changed, return_state=True)
-    assert third.is_completed(), third.message
-    states = _task_states(third)
-    ran = {name for name, state in states.items() if state == "Completed"}
-    assert ran == {"policy", "evaluate", "promote"}, states
-    assert len(client.search_model_versions("name = 'rlhf-demo-policy'")) == 2
-
-    shutil.rmtree(project / "artifacts/sft/model")  # an output the cache points at is gone
-    fourth = rlhf_pipeline(params_path="params.yaml", overrides=changed, return_state=True)
-    assert fourth.is_completed(), fourth.message
-    states = _task_states(fourth)
-    assert states["sft"] == "Completed" and (project / "artifacts/sft/model").exists()
-    # SFT is deterministic: the same model again, so the reward model's inputs are unchanged.
-    assert states["reward"] == "Cached", states
