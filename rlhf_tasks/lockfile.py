@@ -61,8 +61,14 @@ def up_to_date(stage: Stage, params: Params) -> bool:
     """Whether DVC finds ``stage`` unchanged since the run its ``dvc.lock`` entry records."""
     if not stage.cached or not_recordable(stage, params) is not None:
         return False
-    with _repo() as repo:
-        return not repo.status(targets=[stage.name])
+    from dvc.exceptions import DvcException
+
+    try:
+        with _repo() as repo:
+            return not repo.status(targets=[stage.name])
+    except DvcException as exc:  # e.g. another dvc process holds the repository's lock
+        print(f"stage {stage.name}: DVC could not tell whether it changed ({exc}); running it")
+        return False
 
 
 def record(stage: Stage, params: Params) -> str | None:
