@@ -84,7 +84,7 @@ def assert_fails(
     return found
 
 
-def read_report(path: str | Path = "artifacts/validate/report.json") -> dict:
+def read_report(path: str | Path = "artifacts/checks/validate/report.json") -> dict:
     return json.loads(Path(path).read_text())
 
 
@@ -107,10 +107,10 @@ def test_good_file_passes_and_writes_outputs(project, rlhf, suffix):
     assert {c["check"] for c in report["checks"]} >= {"parseable", "control_chars", "min_rows"}
     assert all(c["success"] for c in report["checks"])
     # The normalised data is written because the data is valid.
-    data = Path("artifacts/validate/data/input.jsonl").read_text().splitlines()
+    data = Path("artifacts/checks/validate/data/input.jsonl").read_text().splitlines()
     assert len(data) == N_ROWS
     assert json.loads(data[1]) == base_rows()[1]
-    assert Path("artifacts/validate/data_docs/index.html").is_file()
+    assert Path("artifacts/checks/validate/data_docs/index.html").is_file()
 
 
 def test_default_run_on_demo_data_passes(project, rlhf):
@@ -128,7 +128,7 @@ def test_default_run_on_demo_data_passes(project, rlhf):
         "prompts_heldout",
     }
     for name in report["datasets"]:
-        assert Path(f"artifacts/validate/data/{name}.jsonl").is_file()
+        assert Path(f"artifacts/checks/validate/data/{name}.jsonl").is_file()
 
 
 def test_stage_validate_passes_on_demo_data(project, rlhf):
@@ -136,7 +136,10 @@ def test_stage_validate_passes_on_demo_data(project, rlhf):
 
     assert code == 0, out + err
     assert "Validation gate PASSED" in out
-    assert read_report()["valid"] is True
+    # The stage writes the stage's outputs; `rlhf validate` (a check) never does.
+    assert read_report("artifacts/validate/report.json")["valid"] is True
+    assert Path("artifacts/validate/data/sft_train.jsonl").is_file()
+    assert not Path("artifacts/checks").exists()
 
 
 # -- one test per check ---------------------------------------------------------------------------
@@ -420,14 +423,15 @@ def test_report_lists_failed_checks_with_examples(project, rlhf, tmp_path):
         assert failed[check]["unexpected"] == 1
     assert (out_dir / "data_docs" / "index.html").is_file()
     assert not (out_dir / "data").exists()
-    assert not Path("artifacts/validate").exists()  # --out replaces the default location
+    assert not Path("artifacts/checks/validate").exists()  # --out replaces the default location
+    assert not Path("artifacts/validate").exists()  # a check never writes the stage's outputs
 
 
 def test_normalised_data_written_only_when_valid(project, rlhf):
     write_jsonl("good.jsonl", base_rows())
     code, out, err = rlhf("validate", "good.jsonl")
     assert code == 0, out + err
-    assert Path("artifacts/validate/data/input.jsonl").is_file()
+    assert Path("artifacts/checks/validate/data/input.jsonl").is_file()
 
     rows = base_rows()
     rows[6]["chosen"] = rows[6]["rejected"]
@@ -437,8 +441,8 @@ def test_normalised_data_written_only_when_valid(project, rlhf):
     assert code == 1, out + err
     assert read_report()["valid"] is False
     # The data of the earlier, valid run is gone: later stages must not read stale data.
-    assert not Path("artifacts/validate/data").exists()
-    assert Path("artifacts/validate/data_docs/index.html").is_file()
+    assert not Path("artifacts/checks/validate/data").exists()
+    assert Path("artifacts/checks/validate/data_docs/index.html").is_file()
 
 
 # -- usage errors and the real console script ----------------------------------------------------
@@ -460,7 +464,7 @@ def test_missing_path_exits_2(project, rlhf, argv, missing):
     assert missing in err
     assert "no such file or directory" in err
     assert "Traceback" not in out + err
-    assert not Path("artifacts/validate/report.json").exists()
+    assert not Path("artifacts/checks/validate/report.json").exists()
 
 
 def test_console_script_exits_1_without_traceback(project):
