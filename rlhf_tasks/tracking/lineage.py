@@ -147,7 +147,8 @@ def lineage(params: Params, data: DataVersion | None = None) -> dict[str, str]:
     """The lineage tags every run carries (see ``rlhf_tasks/tracking/__init__.py``). Data that
     DVC does not track is warned about: the run's md5 cannot bring it back."""
     commit = _git("rev-parse", "HEAD") or "unknown"
-    status = _git("status", "--porcelain")
+    # dvc.lock is the record this run itself writes as its stages succeed: not a change to code.
+    status = _git("status", "--porcelain", "--", ".", ":(exclude)dvc.lock")
     data = data or data_version(params)
     if not data.tracked:
         warnings.warn(
