@@ -18,6 +18,7 @@ stage's command is run by DVC, which records it itself.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,10 +30,18 @@ from rlhf_tasks.stages import Stage
 
 @contextlib.contextmanager
 def _repo() -> Iterator[Any]:
+    """The project's DVC repository, with DVC's info messages ("Updating lock file") kept out
+    of the run's output: the runner says what matters."""
     from dvc.repo import Repo
 
-    with Repo(".") as repo:
-        yield repo
+    logger = logging.getLogger("dvc")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        with Repo(".") as repo:
+            yield repo
+    finally:
+        logger.setLevel(level)
 
 
 def not_recordable(stage: Stage, params: Params) -> str | None:
@@ -61,12 +70,10 @@ def up_to_date(stage: Stage, params: Params) -> bool:
     """Whether DVC finds ``stage`` unchanged since the run its ``dvc.lock`` entry records."""
     if not stage.cached or not_recordable(stage, params) is not None:
         return False
-    from dvc.exceptions import DvcException
-
     try:
         with _repo() as repo:
             return not repo.status(targets=[stage.name])
-    except DvcException as exc:  # e.g. another dvc process holds the repository's lock
+    except Exception as exc:  # e.g. another dvc process holds the repository's lock
         print(f"stage {stage.name}: DVC could not tell whether it changed ({exc}); running it")
         return False
 
@@ -76,12 +83,10 @@ def record(stage: Stage, params: Params) -> str | None:
     would update them. Returns why it was not recorded, if it was not."""
     why = not_recordable(stage, params)
     if why is None:
-        from dvc.exceptions import DvcException
-
         try:
             with _repo() as repo:
                 repo.commit(stage.name, force=True)
-        except DvcException as exc:  # the stage succeeded: its record is what failed
+        except Exception as exc:  # the stage succeeded: only its record failed, and says so
             return f"DVC could not record it ({exc})"
     return why
 
