@@ -42,12 +42,17 @@ demo: setup
 	$(BIN)/rlhf run
 	$(BIN)/rlhf models
 
+# The whole suite (about 10 minutes on 2 cores, a third of it the demo run that tests/model,
+# tests/registry and the DVC and security tests share); it ends with the 15 slowest tests and
+# the total time.
 test: setup
-	$(BIN)/python -m pytest -q
+	@start=$$(date +%s); status=0; \
+	$(BIN)/python -m pytest -q --durations=15 || status=$$?; \
+	echo "make test: $$(( $$(date +%s) - start )) s in all"; exit $$status
 
-# Unit and data tests only (no DVC, no model building).
+# Unit and data tests only (no training, no demo run, no DVC, Prefect or MLflow server).
 test-fast: setup
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -m "not slow" --durations=15
 
 # Every figure of bench/RESULTS.md, one benchmark after another (about 55 minutes on 2 cores;
 # the machine should be otherwise idle). Each prints figures and asserts nothing.

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets as secrets_module
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import yaml
 
 for _var, _value in {
     "HF_HUB_OFFLINE": "1",
@@ -23,12 +24,21 @@ for _var, _value in {
 }.items():
     os.environ[_var] = _value
 
-from rlhf_tasks import base_model, data, demo  # noqa: E402
+from helpers import make_project, write_validated  # noqa: E402
+
+from rlhf_tasks import base_model, demo  # noqa: E402
 from rlhf_tasks.cli import main  # noqa: E402
 from rlhf_tasks.config import DataConfig, DemoConfig, ModelConfig, Params  # noqa: E402
-from rlhf_tasks.stages import STAGES  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that reads the session's demo run (``demo_run``: the whole pipeline, minutes) is
+    slow, marked or not: ``-m "not slow"`` never starts it."""
+    for item in items:
+        if "demo_run" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")
@@ -62,8 +72,10 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory) -> DemoRun:
     """The whole demo pipeline with the default params.yaml, as `make demo` runs it on a fresh
     clone (only git-tracked files; the demo data regenerated; the Prefect flow with MLflow's
     embedded store): built once per session, shared by the DVC test (its outputs are the ones
-    dvc.lock records), the model-quality tests (tests/model) and the registry tests. It runs with
-    a random canary value in each of SECRET_VARS, as a user's shell may hold real ones."""
+    dvc.lock records), the model-quality tests (tests/model), the registry tests and the secret
+    scan. It runs with a random canary value in each of SECRET_VARS, as a user's shell may hold
+    real ones. (Not in the background while other tests run: on 2 cores, torch's threads in
+    both make each several times slower.)"""
     from helpers import BIN, fresh_clone, sh
 
     clone = fresh_clone(tmp_path_factory.mktemp("demo_run") / "clone")
@@ -86,14 +98,42 @@ def project(
     tmp_path: Path, base_model_dir: Path, demo_root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> Path:
     """A project directory (the repo's params.yaml, the demo data, the tiny model) as cwd."""
-    shutil.copytree(demo_root / "data", tmp_path / "data")
-    shutil.copy(ROOT / "dvc.yaml", tmp_path)  # the stages' params sections and deps
+    make_project(tmp_path, base_model_dir, demo_root)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the project's own mlflow.db
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["model"]["name_or_path"] = str(base_model_dir)
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+@pytest.fixture(scope="module")
+def module_project(tmp_path_factory: pytest.TempPathFactory, base_model_dir: Path, demo_root: Path):
+    """For a module-scoped fixture that runs a stage once for several tests to read:
+    ``with module_project("sft") as root:`` gives a new project directory (as ``project`` makes
+    it), the cwd inside the block. Tests that change it work on a copy (``copy_project``)."""
+
+    @contextlib.contextmanager
+    def enter(name: str) -> Iterator[Path]:
+        root = make_project(tmp_path_factory.mktemp(name), base_model_dir, demo_root)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+            mp.chdir(root)
+            yield root
+
+    return enter
+
+
+@pytest.fixture
+def copy_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """``copy_project(root)``: a copy of the project directory ``root`` as cwd, for a test to
+    change (as ``project``, it is the test's own)."""
+
+    def copy(root: Path) -> Path:
+        dest = tmp_path / "project"
+        shutil.copytree(root, dest, symlinks=True)
+        monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        monkeypatch.chdir(dest)
+        return dest
+
+    return copy
 
 
 @pytest.fixture
@@ -108,17 +148,7 @@ def validated(project: Path):
         heldout: int | None = 32,
         prompts: int | None = 32,
     ) -> Path:
-        d, out = DataConfig(), project / STAGES["validate"].outputs["data"].path
-        for name, path, rows in (
-            ("sft_train", d.sft_train, sft),
-            ("preferences_train", d.preferences_train, pairs),
-            ("preferences_heldout", d.preferences_heldout, heldout),
-            ("prompts_rl", d.prompts_rl, prompts),
-            ("prompts_heldout", d.prompts_heldout, prompts),
-        ):
-            frame = data.load([project / path]).frame
-            data.write_jsonl(frame if rows is None else frame.head(rows), out / f"{name}.jsonl")
-        return out
+        return write_validated(project, sft, pairs, heldout, prompts)
 
     return write
 

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import yaml
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the virtualenv's bin: dvc, rlhf
 
@@ -67,6 +69,43 @@ def fresh_clone(dest: Path) -> Path:
     sh("git", "commit", "-q", "-m", "fresh clone", cwd=dest)
     assert not (dest / "data").exists(), "data/ must come from the generator, not from git"
     return dest
+
+
+def make_project(dest: Path, base_model_dir: Path, demo_root: Path) -> Path:
+    """A project directory in ``dest``: the repo's params.yaml (pointing at the tiny base
+    model), its dvc.yaml and the demo data."""
+    shutil.copytree(demo_root / "data", dest / "data")
+    shutil.copy(ROOT / "dvc.yaml", dest)  # the stages' params sections and deps
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["model"]["name_or_path"] = str(base_model_dir)
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return dest
+
+
+def write_validated(
+    project: Path,
+    sft: int | None = 64,
+    pairs: int | None = 64,
+    heldout: int | None = 32,
+    prompts: int | None = 32,
+) -> Path:
+    """The first rows of each demo data set where the validation gate leaves them for the
+    training stages (``artifacts/validate/data/<name>.jsonl``); ``None`` keeps every row."""
+    from rlhf_tasks import data
+    from rlhf_tasks.config import DataConfig
+    from rlhf_tasks.stages import STAGES
+
+    d, out = DataConfig(), project / STAGES["validate"].outputs["data"].path
+    for name, path, rows in (
+        ("sft_train", d.sft_train, sft),
+        ("preferences_train", d.preferences_train, pairs),
+        ("preferences_heldout", d.preferences_heldout, heldout),
+        ("prompts_rl", d.prompts_rl, prompts),
+        ("prompts_heldout", d.prompts_heldout, prompts),
+    ):
+        frame = data.load([project / path]).frame
+        data.write_jsonl(frame if rows is None else frame.head(rows), out / f"{name}.jsonl")
+    return out
 
 
 # The training stages for a few steps, for tests of wiring (flows, deployments), not training.

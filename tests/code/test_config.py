@@ -9,16 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rlhf_tasks.config import (
-    BaseModelConfig,
-    DataConfig,
-    DemoConfig,
-    ModelConfig,
-    Params,
-    ValidateConfig,
-    apply_overrides,
-    load_params,
-)
+from rlhf_tasks.config import Params, apply_overrides, load_params
 from rlhf_tasks.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -38,15 +29,27 @@ def _write(tmp_path: Path, raw: dict) -> Path:
 # -- the repo's params.yaml ---------------------------------------------------------------------
 
 
+def _differences(typed: object, raw: object, key: str = "") -> list[str]:
+    """Where ``typed`` (a config dumped by alias) does not hold ``raw``'s value, key by key."""
+    if isinstance(raw, dict):
+        if not isinstance(typed, dict):
+            return [f"{key}: {typed!r} is not a section"]
+        return [
+            diff
+            for k, v in raw.items()
+            for diff in _differences(typed.get(k, "<missing>"), v, f"{key}.{k}".lstrip("."))
+        ]
+    # The same value of the same type; an integer may stand for a float (``7200`` for 7200.0).
+    same_type = type(typed) is type(raw) or (type(typed), type(raw)) == (float, int)
+    return [] if typed == raw and same_type else [f"{key}: {typed!r} != {raw!r}"]
+
+
 def test_repo_params_load():
+    """Every value written in params.yaml reaches the typed config as written: no key is dropped,
+    renamed or changed on the way (``validate`` is the field ``validate_``)."""
     params = load_params(PARAMS)
-    assert isinstance(params, Params)
-    assert isinstance(params.data, DataConfig)
-    assert isinstance(params.demo, DemoConfig)
-    assert isinstance(params.model, ModelConfig)
-    assert isinstance(params.base_model, BaseModelConfig)
-    assert isinstance(params.validate_config, ValidateConfig)
     raw = _raw()
+    assert _differences(params.model_dump(by_alias=True), raw) == []
     # Values come from the file, not from the defaults (every section is read).
     assert params.data.dir == raw["data"]["dir"]
     assert params.demo.seed == raw["demo"]["seed"]
@@ -54,6 +57,21 @@ def test_repo_params_load():
     assert params.base_model.num_layers == raw["base_model"]["num_layers"]
     assert params.validate_config.min_rows == raw["validate"]["min_rows"]
     assert params.validate_config.checks.label_sanity == raw["validate"]["checks"]["label_sanity"]
+
+
+def test_the_value_comparison_finds_a_changed_value():
+    """``_differences`` itself can fail: a value changed, dropped or of another type is named."""
+    raw = {"ppo": {"kl_coef": 0.1, "args": {"max_steps": 2}}}
+    assert _differences(raw, raw) == []
+    assert _differences({"ppo": {"kl_coef": 0.2, "args": {"max_steps": 2}}}, raw) == [
+        "ppo.kl_coef: 0.2 != 0.1"
+    ]
+    assert _differences({"ppo": {"args": {"max_steps": "2"}}}, raw) == [
+        "ppo.kl_coef: '<missing>' != 0.1",
+        "ppo.args.max_steps: '2' != 2",
+    ]
+    assert _differences({"n": True}, {"n": 1}) == ["n: True != 1"]  # equal, not the same
+    assert _differences({"n": 7200.0}, {"n": 7200}) == []
 
 
 def test_repo_params_sections_match_the_model():

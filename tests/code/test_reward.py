@@ -1,4 +1,5 @@
-"""Stage reward on a few demo pairs: outputs, the pairs' text, scoring, LoRA, resume, ranking."""
+"""Stage reward on a few demo pairs: outputs, the pairs' text, scoring, LoRA, resume. (That the
+reward model learns the demo's preferences: tests/model/test_demo_quality.py, on the demo run's.)"""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import write_validated
 from transformers import AutoModelForSequenceClassification
 from trl import RewardTrainer
 
@@ -15,6 +17,9 @@ from rlhf_tasks.config import load_params
 from rlhf_tasks.errors import ConfigError
 from rlhf_tasks.stages import STAGES, call
 from rlhf_tasks.training import save_plain_model
+
+# Where the stage reads its held-out pairs (relative to the project directory).
+HELDOUT = STAGES["reward"].io().inputs["preferences_heldout"]
 
 # From the random-init base model (no SFT run needed), a few steps of batch 8.
 TINY = [
@@ -27,14 +32,37 @@ TINY = [
 ]
 
 
-def _params(*overrides: str, tiny: list[str] = TINY):
-    return load_params("params.yaml", [*tiny, *overrides])
+def _params(*overrides: str):
+    return load_params("params.yaml", [*TINY, *overrides])
 
 
-def test_run_writes_a_reward_model_and_held_out_metrics(project: Path, validated):
-    validated(pairs=64, heldout=32)
-    result = call("reward", _params())
+class Killed(Exception):
+    """Stands for the process being killed."""
 
+
+@pytest.fixture(scope="module")
+def resumed(module_project) -> tuple[Path, dict]:
+    """One run of ``TINY`` on 64 pairs (32 held out), killed after its first checkpoint (step
+    2) and run again to the end: the project directory and the second run's result."""
+    with module_project("reward") as root:
+        write_validated(root, pairs=64, heldout=32)
+        save = RewardTrainer._save_checkpoint
+
+        def save_then_die(self, model, trial):
+            save(self, model, trial)
+            raise Killed
+
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(RewardTrainer, "_save_checkpoint", save_then_die)
+            with pytest.raises(Killed):
+                call("reward", _params())
+        assert not (root / "artifacts/reward/model").exists()
+        return root, call("reward", _params())
+
+
+@pytest.mark.slow
+def test_run_writes_a_reward_model_and_held_out_metrics(resumed):
+    project, result = resumed
     model_dir = project / "artifacts/reward/model"
     assert result["outputs"]["model"] == "artifacts/reward/model"
     model = AutoModelForSequenceClassification.from_pretrained(model_dir)
@@ -46,16 +74,29 @@ def test_run_writes_a_reward_model_and_held_out_metrics(project: Path, validated
     assert metrics["reward_model/heldout_pairs"] == 32
     assert metrics["reward_model/train_pairs"] == 64
     assert metrics["reward_model/steps"] == 4
-    assert 0 <= metrics["reward_model/accuracy"] <= 1
-    # The metrics are those of the saved model, recomputed here with the scoring function.
-    heldout = [json.loads(line) for line in reward.HELDOUT.read_text().splitlines()]
+    # A share of the 32 held-out pairs (not of the training pairs)...
+    correct = metrics["reward_model/accuracy"] * 32
+    assert correct == pytest.approx(round(correct), abs=1e-4)
+    # ...and those of the saved model, recomputed here with the scoring function.
+    heldout = [json.loads(line) for line in (project / HELDOUT).read_text().splitlines()]
     again = reward.evaluate(*reward.load_reward_model(model_dir), heldout, batch_size=8)
     assert metrics["reward_model/accuracy"] == round(again["accuracy"], 6)
     assert metrics["reward_model/mean_margin"] == pytest.approx(again["mean_margin"], abs=1e-5)
     assert not any("runtime" in key for key in metrics)
-    assert not (project / "artifacts/reward/checkpoints").exists()
+    # Untracked (``call``), the stage keeps its last checkpoint until the runner has tracked it.
+    assert (project / "artifacts/reward/checkpoints/checkpoint-4/trainer_state.json").exists()
 
 
+@pytest.mark.slow
+def test_a_killed_run_resumes(resumed):
+    project, result = resumed
+    assert result["metrics"]["reward_model/resumed_from_step"] == 2
+    final = json.loads((project / "artifacts/reward/trainer_state.json").read_text())
+    assert final["global_step"] == 4
+    assert [e["step"] for e in final["log_history"] if "loss" in e] == [1, 2, 3, 4]
+
+
+@pytest.mark.slow
 def test_pairs_are_rendered_by_the_chat_template(project: Path, validated):
     data_dir = validated(pairs=8, heldout=8)
     row = json.loads((data_dir / "preferences_train.jsonl").read_text().splitlines()[0])
@@ -71,6 +112,7 @@ def test_pairs_are_rendered_by_the_chat_template(project: Path, validated):
     assert with_margin.train_dataset[0]["margin"] == row["margin"]
 
 
+@pytest.mark.slow
 def test_score_is_independent_of_batching_and_padding(project: Path, base_model_dir: Path):
     model, tokenizer = reward.load_reward_model(base_model_dir)  # random head: any scores do
     prompts = ["Tell me about dogs.", "Explain rain to me.", "Give me a fact about cats."]
@@ -105,6 +147,7 @@ def test_init_from_sft_needs_the_sft_model(project: Path, validated, rlhf):
     assert "rlhf stage sft" in err and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_lora_reward_model_is_merged_with_its_trained_head(
     project: Path, validated, base_model_dir: Path
 ):
@@ -112,7 +155,7 @@ def test_lora_reward_model_is_merged_with_its_trained_head(
     params = _params("reward.lora.enabled=true", "reward.args.learning_rate=1.0e-2")
     trainer = reward.build_trainer(params, STAGES["reward"].io())
     trainer.train()
-    pairs = [json.loads(line) for line in reward.HELDOUT.read_text().splitlines()]
+    pairs = [json.loads(line) for line in HELDOUT.read_text().splitlines()]
     prompts, responses = [p["prompt"] for p in pairs], [p["chosen"] for p in pairs]
     peft_scores = reward.score(trainer.model, trainer.processing_class, prompts, responses)
 
@@ -128,84 +171,4 @@ def test_lora_reward_model_is_merged_with_its_trained_head(
     base = AutoModelForSequenceClassification.from_pretrained(base_model_dir, num_labels=1)
     assert not torch.allclose(
         merged.model.layers[0].self_attn.q_proj.weight, base.model.layers[0].self_attn.q_proj.weight
-    )
-
-
-def test_a_killed_run_resumes(project: Path, validated, monkeypatch: pytest.MonkeyPatch):
-    validated(pairs=64, heldout=8)
-
-    class Killed(Exception):
-        pass
-
-    save = RewardTrainer._save_checkpoint
-
-    def save_then_die(self, model, trial):
-        save(self, model, trial)
-        raise Killed
-
-    with monkeypatch.context() as m:
-        m.setattr(RewardTrainer, "_save_checkpoint", save_then_die)
-        with pytest.raises(Killed):
-            call("reward", _params())
-    result = call("reward", _params())
-    assert result["metrics"]["reward_model/resumed_from_step"] == 2
-    final = json.loads((project / "artifacts/reward/trainer_state.json").read_text())
-    assert final["global_step"] == 4
-
-
-# Clearly better and clearly worse answers to held-out prompts (gold scores about 4 vs. below 0).
-# Not an off-topic answer: telling topics apart takes more than a short training from the random
-# base model (tests/model/test_reward_quality.py checks it on the default reward model).
-GOOD_AND_BAD = [
-    (
-        "Tell me about dogs.",
-        "Dogs are loyal friends. Many dogs like to play fetch with a ball. They are lovely.",
-        "I do not know much about dogs.",
-    ),
-    (
-        "Give me a fact about cats.",
-        "Cats purr when they feel safe. Most cats like to climb and explore. They are lovely.",
-        "Most cats are boring and bad.",
-    ),
-    (
-        "Write a sentence about bread.",
-        "Fresh bread is baked in a hot oven. Bread goes well with butter and soup.",
-        "The bread was",
-    ),
-    (
-        "Give me a fact about apples.",
-        "Apples grow on trees in orchards. Most apples are sweet and crunchy. They are lovely.",
-        "apples are sweet and crunchy fresh apples make a healthy snack",
-    ),
-    (
-        "Say something nice about birds.",
-        "Birds sing songs in the morning. Most birds build nests in tall trees.",
-        "Sorry, I can not help with birds.",
-    ),
-    (
-        "Tell me about music.",
-        "Live music can lift your mood. Music is played on many instruments. It is wonderful.",
-        "I hate music, they are dull.",
-    ),
-]
-
-
-QUICK_TRAINING = [
-    "reward.args.max_steps=120",
-    "reward.args.per_device_train_batch_size=16",
-    "reward.args.learning_rate=1.0e-3",
-]
-
-
-def test_a_briefly_trained_reward_model_ranks_good_answers_above_bad_ones(project: Path, validated):
-    validated(pairs=None, heldout=8)
-    short = ["reward.init_from=base", "reward.args.disable_tqdm=true", *QUICK_TRAINING]
-    result = call("reward", _params(tiny=short))
-    model, tokenizer = reward.load_reward_model(result["outputs"]["model"])
-    prompts, good, bad = (list(column) for column in zip(*GOOD_AND_BAD, strict=True))
-    good_scores = reward.score(model, tokenizer, prompts, good)
-    bad_scores = reward.score(model, tokenizer, prompts, bad)
-    assert all(g > b for g, b in zip(good_scores, bad_scores, strict=True)), (
-        good_scores,
-        bad_scores,
     )

@@ -113,6 +113,7 @@ def test_good_file_passes_and_writes_outputs(project, rlhf, suffix):
     assert Path("artifacts/checks/validate/data_docs/index.html").is_file()
 
 
+@pytest.mark.slow  # every demo file through the gate
 def test_default_run_on_demo_data_passes(project, rlhf):
     code, out, err = rlhf("validate")
 
@@ -131,6 +132,7 @@ def test_default_run_on_demo_data_passes(project, rlhf):
         assert Path(f"artifacts/checks/validate/data/{name}.jsonl").is_file()
 
 
+@pytest.mark.slow  # every demo file through the gate
 def test_stage_validate_passes_on_demo_data(project, rlhf):
     code, out, err = rlhf("stage", "validate")
 
@@ -467,6 +469,7 @@ def test_missing_path_exits_2(project, rlhf, argv, missing):
     assert not Path("artifacts/checks/validate/report.json").exists()
 
 
+@pytest.mark.slow  # the console script in a process of its own
 def test_console_script_exits_1_without_traceback(project):
     rows = base_rows()
     rows[6]["chosen"] = rows[6]["rejected"]

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # each case starts a Prefect API server
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -90,11 +92,27 @@ def test_a_server_named_in_the_environment_is_used_instead(home: Path) -> None:
     assert proc.wait(timeout=60) == 0
 
 
+def _listening(pid: int) -> set[str]:
+    """The addresses the process ``pid`` and its children listen on."""
+    import psutil
+
+    server = psutil.Process(pid)
+    return {
+        conn.laddr.ip
+        for proc in [server, *server.children(recursive=True)]
+        for conn in proc.net_connections(kind="inet")
+        if conn.status == psutil.CONN_LISTEN
+    }
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="PR_SET_PDEATHSIG is Linux's")
 def test_a_killed_run_leaves_no_server_behind(home: Path) -> None:
+    """The server dies with the process that started it; while it runs, it listens on
+    127.0.0.1 only (the security rule of tests/reliability/test_security.py)."""
     proc = _python(REPORT.replace("WAIT", "True"), home)
     inside = json.loads(proc.stdout.readline())
     assert _healthy(inside["url"])
+    assert _listening(inside["pid"]) == {"127.0.0.1"}
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
     deadline = time.monotonic() + 30

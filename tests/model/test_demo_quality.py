@@ -1,8 +1,9 @@
 """The quality bars of the demo with the default params.yaml, on the outputs of the whole
 pipeline run as `make demo` runs it (the session's ``demo_run`` fresh clone).
 
-- the reward model: held-out accuracy at least 0.80, beside the annotators' noise ceiling, and
-  it tells an answer on the topic from a well-formed answer on another topic;
+- the reward model: held-out accuracy at least 0.80, beside the annotators' noise ceiling; it
+  tells an answer on the topic from a well-formed answer on another topic, and ranks clearly good
+  answers above clearly bad ones;
 - the policy (PPO by default): the gold judge prefers it to SFT on at least 70% of held-out
   samples (the defaults give 0.756-0.768 over three PPO seeds on this machine kind; the
   evaluation's standard error is about 0.02), with its KL to SFT inside the configured budget and
@@ -43,6 +44,42 @@ OFF_TOPIC = [
 ]
 
 
+# Clearly better and clearly worse answers to held-out prompts (gold scores about 4 vs. below 0):
+# a short answer, a refusal, a cut-off answer, a list of keywords, a rude one.
+GOOD_AND_BAD = [
+    (
+        "Tell me about dogs.",
+        "Dogs are loyal friends. Many dogs like to play fetch with a ball. They are lovely.",
+        "I do not know much about dogs.",
+    ),
+    (
+        "Give me a fact about cats.",
+        "Cats purr when they feel safe. Most cats like to climb and explore. They are lovely.",
+        "Most cats are boring and bad.",
+    ),
+    (
+        "Write a sentence about bread.",
+        "Fresh bread is baked in a hot oven. Bread goes well with butter and soup.",
+        "The bread was",
+    ),
+    (
+        "Give me a fact about apples.",
+        "Apples grow on trees in orchards. Most apples are sweet and crunchy. They are lovely.",
+        "apples are sweet and crunchy fresh apples make a healthy snack",
+    ),
+    (
+        "Say something nice about birds.",
+        "Birds sing songs in the morning. Most birds build nests in tall trees.",
+        "Sorry, I can not help with birds.",
+    ),
+    (
+        "Tell me about music.",
+        "Live music can lift your mood. Music is played on many instruments. It is wonderful.",
+        "I hate music, they are dull.",
+    ),
+]
+
+
 @pytest.fixture(scope="module")
 def metrics(demo_run) -> dict[str, float]:
     return json.loads((demo_run.clone / "artifacts/evaluate/metrics.json").read_text())
@@ -62,14 +99,18 @@ def test_reward_model_is_accurate_on_held_out_pairs(demo_run, metrics) -> None:
     assert metrics["reward_model/accuracy"] <= metrics["reward_model/noise_ceiling"] + 0.05
 
 
-def test_reward_model_prefers_the_answer_on_the_topic(demo_run) -> None:
+@pytest.mark.parametrize(
+    "pairs", [pytest.param(OFF_TOPIC, id="to_off_topic"), pytest.param(GOOD_AND_BAD, id="to_bad")]
+)
+def test_reward_model_prefers_the_good_answer(demo_run, pairs) -> None:
+    """The good answer scores above an answer on another topic, and above a clearly bad one."""
     model, tokenizer = reward.load_reward_model(demo_run.clone / "artifacts/reward/model")
-    prompts, good, off_topic = (list(column) for column in zip(*OFF_TOPIC, strict=True))
+    prompts, good, bad = (list(column) for column in zip(*pairs, strict=True))
     good_scores = reward.score(model, tokenizer, prompts, good)
-    off_scores = reward.score(model, tokenizer, prompts, off_topic)
-    assert all(g > o for g, o in zip(good_scores, off_scores, strict=True)), (
+    bad_scores = reward.score(model, tokenizer, prompts, bad)
+    assert all(g > b for g, b in zip(good_scores, bad_scores, strict=True)), (
         good_scores,
-        off_scores,
+        bad_scores,
     )
 
 

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from helpers import GOOD_EVALUATION as GOOD
 from helpers import POLICY, REWARD
 from mlflow import MlflowClient
@@ -22,9 +21,9 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from rlhf_tasks import promote
 from rlhf_tasks.config import load_params
 from rlhf_tasks.runner import run_stage
-from rlhf_tasks.tracking import store
+from rlhf_tasks.tracking import lineage, store
 
-DATA_MD5 = "0123456789abcdef0123456789abcdef.dir"
+pytestmark = pytest.mark.slow  # models registered in a real MLflow store, and a real server
 
 
 def _git(project: Path, *args: str) -> str:
@@ -36,7 +35,8 @@ def _git(project: Path, *args: str) -> str:
 @pytest.fixture
 def trained(project: Path, validated, base_model_dir: Path) -> Path:
     """A project as the stages before promote leave it: a policy and a reward model (the tiny
-    base model), evaluate's metrics, a passed gate, data.dvc, and a git commit."""
+    base model), evaluate's metrics, a passed gate, and a git commit. Not a DVC repository: runs
+    are tagged with DVC's hash of the data files read (``data_md5``)."""
     validated()
     shutil.copytree(base_model_dir, project / "artifacts/policy/model")
     torch.manual_seed(0)
@@ -46,7 +46,6 @@ def trained(project: Path, validated, base_model_dir: Path) -> Path:
     (project / "artifacts/policy/run.json").write_text('{"policy/algorithm": "ppo"}')
     (project / "artifacts/validate/report.json").write_text('{"valid": true}')
     evaluation(project, GOOD)
-    (project / "data.dvc").write_text(yaml.safe_dump({"outs": [{"md5": DATA_MD5, "path": "data"}]}))
     (project / ".gitignore").write_text("artifacts/\ndata/\nmlflow.db\nmlruns/\n")
     _git(project, "init", "-q")
     _git(project, "add", "-A")
@@ -60,6 +59,11 @@ def evaluation(project: Path, metrics: dict[str, float]) -> None:
     path.write_text(json.dumps(metrics))
 
 
+def data_md5() -> str:
+    """The data version a run in the project records: DVC's hash of the files it reads."""
+    return lineage.data_version(load_params("params.yaml")).md5
+
+
 def promote_stage(*overrides: str) -> dict:
     run_stage("promote", load_params("params.yaml", list(overrides)))
     return json.loads(Path("artifacts/promote/decision.json").read_text())
@@ -70,16 +74,28 @@ def client() -> MlflowClient:
 
 
 def test_first_model_is_judged_against_sft_and_becomes_champion(trained: Path) -> None:
+    # Without a champion, the gate reads the judge's win rate against SFT from the evaluation
+    # (not the gold judge's): below promote.min_win_rate, the model is rejected against SFT.
+    evaluation(trained, {**GOOD, "judge/win_rate_vs_sft": 0.54, "gold/win_rate_vs_sft": 0.9})
+    decision = promote_stage()
+    assert not decision["promoted"] and decision["baseline"] == "sft"
+    assert decision["reasons"] == [
+        "judge's win rate vs sft is 0.540, below promote.min_win_rate 0.55"
+    ]
+    c = client()
+    assert "champion" not in c.get_registered_model(POLICY).aliases
+    # At the bar's side that passes, the next version becomes the champion.
+    evaluation(trained, GOOD)
     decision = promote_stage()
     assert decision["promoted"] and decision["baseline"] == "sft"
-    assert decision["version"] == 1 and decision["win_rate"] == pytest.approx(0.66)
-    c = client()
+    assert decision["version"] == 2 and decision["reasons"] == []
     mv = c.get_model_version_by_alias(POLICY, "champion")
-    assert str(mv.version) == "1"
-    assert str(c.get_model_version_by_alias(POLICY, "challenger").version) == "1"
-    assert str(c.get_model_version_by_alias(REWARD, "champion").version) == "1"
+    assert str(mv.version) == "2"
+    assert str(c.get_model_version_by_alias(POLICY, "challenger").version) == "2"
+    assert str(c.get_model_version_by_alias(REWARD, "champion").version) == "2"
+    assert c.get_model_version(POLICY, "1").tags["rlhf.promotion"] == "rejected"
     tags = mv.tags
-    assert tags["rlhf.data_md5"] == DATA_MD5
+    assert tags["rlhf.data_md5"] == data_md5() and tags["rlhf.data_dvc_tracked"] == "false"
     assert tags["rlhf.git_commit"] == _git(trained, "rev-parse", "HEAD")
     assert tags["rlhf.validation"] == "passed"
     assert tags["rlhf.promotion"] == "champion"
@@ -170,7 +186,7 @@ def test_lineage_and_generate_from_the_champion(trained: Path, rlhf) -> None:
     promote_stage()
     code, out, _ = rlhf("lineage", f"{POLICY}@champion")
     assert code == 0, out
-    assert f"data md5:       {DATA_MD5}" in out
+    assert f"data md5:       {data_md5()}" in out
     assert _git(trained, "rev-parse", "HEAD") in out
     assert "promote.min_win_rate = 0.55" in out  # params of the run that logged it
     code, _, err = rlhf("lineage", f"{POLICY}@nope")
@@ -241,4 +257,4 @@ def test_register_and_promote_against_an_mlflow_server(trained: Path, mlflow_ser
     assert not (trained / "mlflow.db").exists()
     assert any((mlflow_server / "artifacts").rglob("model.safetensors"))
     code, out, _ = rlhf("lineage", f"{POLICY}/1")
-    assert code == 0 and DATA_MD5 in out
+    assert code == 0 and data_md5() in out

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -15,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import yaml
-from helpers import BIN, env
+from helpers import BIN, ROOT, env, sh
 
 # Enough steps that each training stage writes a checkpoint well before it ends, few enough that
 # a whole `rlhf run` takes about half a minute on 2 CPU cores.
@@ -61,7 +62,9 @@ ROWS = {
 
 
 def make_fast(project: Path) -> Path:
-    """Shrink the ``project`` fixture's data and training to the sizes above."""
+    """Shrink the ``project`` fixture's data and training to the sizes above, and make it a DVC
+    repository with the stages' code (dvc.yaml's deps): DVC decides which stages a run reuses,
+    from what the runs before it recorded in dvc.lock."""
     for rel, rows in ROWS.items():
         path = project / rel
         lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
@@ -69,6 +72,10 @@ def make_fast(project: Path) -> Path:
     params = yaml.safe_load((project / "params.yaml").read_text())
     _merge(params, FAST)
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    shutil.copytree(
+        ROOT / "rlhf_tasks", project / "rlhf_tasks", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    sh(BIN / "dvc", "init", "--no-scm", "-q", cwd=project)
     return project
 
 

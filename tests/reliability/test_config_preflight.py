@@ -205,6 +205,7 @@ def test_other_model_locations_that_hold_a_model_are_accepted(project: Path, bas
 # -- where the check runs: before anything else --------------------------------------------------
 
 
+@pytest.mark.slow  # `rlhf run` in a process of its own
 def test_rlhf_run_exits_2_with_one_message_and_nothing_ran(project: Path):
     """The installed entry point in its own process, as a user runs it."""
     proc = subprocess.run(
@@ -228,7 +229,7 @@ def test_the_flow_checks_before_its_first_stage(project: Path, monkeypatch: pyte
     def started(*_args, **_kwargs):
         raise AssertionError("the flow went past its checks")
 
-    monkeypatch.setattr(pipeline, "_result_storage", started)
+    monkeypatch.setattr(pipeline, "_ensure_limits", started)
     monkeypatch.setattr(pipeline.runs, "pipeline_run", started)
     monkeypatch.setattr(pipeline, "run_stage", started)
     try:

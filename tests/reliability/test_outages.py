@@ -92,7 +92,8 @@ def test_sft_checkpoint_failures_keep_the_last_complete_checkpoint(
     assert result["metrics"]["sft/resumed_from_step"] == 4
     assert result["metrics"]["sft/steps"] == 6
     assert (project / "artifacts/sft/model/model.safetensors").exists()
-    assert not checkpoints.exists()
+    # Untracked (``call``), the last checkpoint is kept until the runner has tracked the stage.
+    assert (checkpoints / "checkpoint-6/trainer_state.json").exists()
 
 
 @pytest.fixture
@@ -168,13 +169,20 @@ def _versions(client: MlflowClient, name: str) -> list[str]:
 
 def test_tracking_server_outages(project: Path, tmp_path: Path) -> None:
     """`rlhf run` against a real `mlflow server` that stops in the middle of the run. Down for a
-    restart: MLflow's client retries (the project's defaults: about a minute) and the run
-    completes, its models registered once. Left down: the run fails soon, with exit code 4 and a
-    message naming the server, and changes nothing in the registry."""
+    restart: MLflow's client retries and the run completes, its models registered once. Left
+    down: the run fails soon, with exit code 4 and a message naming the server, and changes
+    nothing in the registry."""
     make_fast(project)
     server = MlflowServer(tmp_path / "mlflow")
     registry = MlflowClient(f"sqlite:///{server.root / 'mlflow.db'}")  # the server's own store
-    tracked = {"MLFLOW_TRACKING_URI": server.url}
+    # The retries' backoff halved (the project's defaults: 5 retries after 0, 4, 8, 16 and 32 s):
+    # a request retries soon after the server is back, and still waits out a restart of up to
+    # a minute (after 0, 2, 4, 8, 16 and 32 s).
+    tracked = {
+        "MLFLOW_TRACKING_URI": server.url,
+        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "6",
+    }
     try:
         # 1. The run starts while the server is still starting (its first requests wait for it).
         #    The server stops while SFT trains (at its first checkpoint), and is started again
@@ -198,7 +206,7 @@ def test_tracking_server_outages(project: Path, tmp_path: Path) -> None:
 
         # 2. Another run (new PPO params: policy, evaluate and promote run again); the server
         #    stops during PPO and stays down. One retry, so that the test does not wait out the
-        #    default minute of backoff.
+        #    minute of backoff.
         down = Run(
             project,
             tmp_path / "down.log",

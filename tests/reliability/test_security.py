@@ -165,10 +165,11 @@ def test_every_model_load_in_the_code_passes_the_rules() -> None:
     """Each ``from_pretrained`` in rlhf_tasks/: a model's takes ``**model_kwargs(...)`` (remote
     code and pickles as params allow), a tokenizer's or config's ``trust_remote_code``."""
     calls = []
-    for path in sorted((ROOT / "rlhf_tasks").glob("*.py")):
+    for path in sorted((ROOT / "rlhf_tasks").rglob("*.py")):  # the subpackages too (ppo/)
+        where = path.relative_to(ROOT / "rlhf_tasks")
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "from_pretrained":
-                calls.append((f"{path.name}:{node.lineno}", ast.unparse(node.func.value), node))
+                calls.append((f"{where}:{node.lineno}", ast.unparse(node.func.value), node))
     assert len(calls) >= 10
     for where, receiver, call in calls:
         keywords = {k.arg for k in call.keywords}
@@ -182,28 +183,9 @@ def test_every_model_load_in_the_code_passes_the_rules() -> None:
 # -- servers listen on 127.0.0.1 only -----------------------------------------------------------
 
 
-def test_the_temporary_prefect_api_listens_on_localhost_only(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-):
-    import psutil
-
-    from flows.api import TemporaryAPI
-
-    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect"))
-    api = TemporaryAPI()
-    try:
-        api.wait()
-        server = psutil.Process(api.process.pid)
-        listening = [
-            conn.laddr
-            for proc in [server, *server.children(recursive=True)]
-            for conn in proc.net_connections(kind="inet")
-            if conn.status == psutil.CONN_LISTEN
-        ]
-    finally:
-        api.stop()
-    assert listening, "the server listens on no socket"
-    assert {addr.ip for addr in listening} == {"127.0.0.1"}, listening
+# The temporary Prefect API that `rlhf run` and `rlhf ingest` start listens on 127.0.0.1 only:
+# checked while its server runs, in tests/flows/test_api.py (test_a_killed_run_leaves_no_server_
+# behind; one server start fewer than a test of its own here).
 
 
 # -- secrets never reach MLflow ------------------------------------------------------------------
@@ -263,6 +245,7 @@ def test_the_secret_scan_finds_a_planted_secret(tmp_path: Path) -> None:
     ]
 
 
+@pytest.mark.slow
 def test_secrets_in_the_environment_never_reach_mlflow(demo_run) -> None:
     assert demo_run.secrets and all(v.startswith("canary-") for v in demo_run.secrets.values())
     leaks = _leaks(demo_run.secrets, _mlflow_texts(demo_run.clone), _files(demo_run.clone))
@@ -297,6 +280,7 @@ def test_urls_are_recorded_without_their_credentials(
     assert reports._run_link("r1") == "`r1` (postgresql://db.example/mlflow)"
 
 
+@pytest.mark.slow
 def test_a_registered_model_is_checked_before_mlflow_loads_it(
     demo_run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
