@@ -247,7 +247,10 @@ def test_rlhf_validate_refuses(bad_project: Path, rlhf, name: str) -> None:
     assert code == 1, out + err
     _assert_names_the_row(case, path, out)
     assert f"FAIL {case.check}" in out
-    assert not (bad_project / "artifacts/validate/data").exists()
+    # The check's own report, and no validated data from it (rlhf validate never writes the
+    # validate stage's outputs, artifacts/validate/).
+    assert (bad_project / "artifacts/checks/validate/report.json").exists()
+    assert not (bad_project / "artifacts/checks/validate/data").exists()
     assert _data_files(bad_project) == before
 
 
