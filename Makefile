@@ -42,7 +42,7 @@ demo: setup
 	$(BIN)/rlhf run
 	$(BIN)/rlhf models
 
-# The whole suite (about 10 minutes on 2 cores, a third of it the demo run that tests/model,
+# The whole suite (about 15 minutes on 2 idle cores, 3.5 of them the demo run that tests/model,
 # tests/registry and the DVC and security tests share); it ends with the 15 slowest tests and
 # the total time.
 test: setup
