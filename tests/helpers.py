@@ -82,6 +82,16 @@ def make_project(dest: Path, base_model_dir: Path, demo_root: Path) -> Path:
     return dest
 
 
+def make_dvc_repo(project: Path) -> Path:
+    """Make ``project`` a DVC repository with the stages' code (dvc.yaml's deps), as a user's
+    project is: DVC then decides which stages a run reuses, from what dvc.lock records."""
+    shutil.copytree(
+        ROOT / "rlhf_tasks", project / "rlhf_tasks", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    sh(BIN / "dvc", "init", "--no-scm", "-q", cwd=project)
+    return project
+
+
 def write_validated(
     project: Path,
     sft: int | None = 64,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import BIN, FEW_STEPS, ROOT, sh
+from helpers import FEW_STEPS, make_dvc_repo
 from mlflow import MlflowClient
 from prefect.client.orchestration import get_client
 from prefect.testing.utilities import prefect_test_harness
@@ -30,8 +30,7 @@ def prefect_api():
 def dvc_project(project: Path) -> Path:
     """The ``project`` as a DVC repository with the stages' code (dvc.yaml's deps) and the
     training shrunk to a few steps in params.yaml itself: what DVC records is params.yaml."""
-    shutil.copytree(ROOT / "rlhf_tasks", project / "rlhf_tasks")
-    sh(BIN / "dvc", "init", "--no-scm", "-q", cwd=project)
+    make_dvc_repo(project)
     _set_params(project, FEW_STEPS)
     return project
 

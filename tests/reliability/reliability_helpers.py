@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -16,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import yaml
-from helpers import BIN, ROOT, env, sh
+from helpers import BIN, env, make_dvc_repo
 
 # Enough steps that each training stage writes a checkpoint well before it ends, few enough that
 # a whole `rlhf run` takes about half a minute on 2 CPU cores.
@@ -72,11 +71,7 @@ def make_fast(project: Path) -> Path:
     params = yaml.safe_load((project / "params.yaml").read_text())
     _merge(params, FAST)
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    shutil.copytree(
-        ROOT / "rlhf_tasks", project / "rlhf_tasks", ignore=shutil.ignore_patterns("__pycache__")
-    )
-    sh(BIN / "dvc", "init", "--no-scm", "-q", cwd=project)
-    return project
+    return make_dvc_repo(project)
 
 
 def _merge(into: dict, updates: dict) -> None:
