@@ -50,6 +50,9 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
+NOT_ROLES = ("dir", "format", "columns")
+
+
 class DataConfig(_Section):
     """Where the pipeline's data lives (files or directories of .jsonl/.json/.parquet/.csv)."""
 
@@ -59,10 +62,45 @@ class DataConfig(_Section):
     sft_train: str = "data/sft/train.jsonl"
     prompts_rl: str = "data/prompts/rl.jsonl"
     prompts_heldout: str = "data/prompts/heldout.jsonl"
+    # How records are read (rlhf_tasks/formats.py): "auto" detects each record's format; or one
+    # of explicit, implicit, conversational, ultrafeedback, sharegpt, alpaca for every record.
+    format: str = "auto"
+    # A file's own key names: {field: key}, e.g. {prompt: question, chosen: good, rejected: bad}.
+    columns: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("format")
+    @classmethod
+    def _known_format(cls, value: str) -> str:
+        from rlhf_tasks.formats import FORMAT_NAMES
+
+        if value not in FORMAT_NAMES:
+            raise ValueError(f"unknown format {value!r}; expected one of {', '.join(FORMAT_NAMES)}")
+        return value
+
+    @field_validator("columns")
+    @classmethod
+    def _known_fields(cls, value: dict[str, str]) -> dict[str, str]:
+        from rlhf_tasks.formats import FIELDS
+
+        unknown = sorted(set(value) - set(FIELDS))
+        if unknown:
+            raise ValueError(
+                f"columns maps unknown field(s) {', '.join(unknown)}; the fields are "
+                f"{', '.join(FIELDS)} (each mapped to your file's key)"
+            )
+        return value
 
     def roles(self) -> dict[str, str]:
         """Each data set's name (its validated file's name) and where it is read from."""
-        return {role: getattr(self, role) for role in type(self).model_fields if role != "dir"}
+        return {
+            role: getattr(self, role) for role in type(self).model_fields if role not in NOT_ROLES
+        }
+
+    def reading(self) -> Any:
+        """How the data sets' records are read."""
+        from rlhf_tasks.formats import Reading
+
+        return Reading(self.format, dict(self.columns))
 
 
 class DemoConfig(_Section):
@@ -187,6 +225,9 @@ class SftSection(_Section):
     """
 
     seed: int = 42
+    # Fail before training when more than this share of the rows would be dropped or truncated
+    # into the response (by max_length and the like): rlhf_tasks/rows.py.
+    max_dropped_fraction: float = Field(0.05, ge=0, le=1)
     args: dict[str, Any] = {}
     lora: LoraSection = LoraSection()
     resources: ResourcesSection = ResourcesSection()
@@ -205,6 +246,9 @@ class RewardSection(_Section):
     use_margin: bool = False
     # Batch size of the held-out scoring (pairs are scored after training, by the saved model).
     eval_batch_size: int = Field(64, ge=1)
+    # Fail before training when more than this share of the rows would be dropped or truncated
+    # into the response (by max_length and the like): rlhf_tasks/rows.py.
+    max_dropped_fraction: float = Field(0.05, ge=0, le=1)
     args: dict[str, Any] = {}
     lora: LoraSection = LoraSection()
     resources: ResourcesSection = ResourcesSection()
@@ -244,6 +288,13 @@ class PpoSection(_Section):
     max_grad_norm: float = Field(1.0, gt=0)
     # Subtracted from the score of a response that never ends (no EOS); null: no penalty.
     missing_eos_penalty: float | None = Field(1.0, ge=0)
+    # Prompts longer than this many tokens (chat template applied) are dropped, or cut to their
+    # last max_prompt_length tokens with truncate_prompts: left; null: the model's max length
+    # less response_length. More than max_dropped_fraction of them fails the stage before
+    # training.
+    max_prompt_length: int | None = Field(None, gt=0)
+    truncate_prompts: Literal["no", "left"] = "no"
+    max_dropped_fraction: float = Field(0.05, ge=0, le=1)
     save_every: int = Field(8, gt=0)  # updates between checkpoints
     keep_checkpoints: int = Field(2, gt=0)
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
@@ -266,6 +317,9 @@ class TrlPolicySection(_Section):
     config class (``trl.RLOOConfig``, ...) as they are, checked like ``sft.args``."""
 
     seed: int = 42
+    # Fail before training when more than this share of the rows would be dropped or truncated
+    # into the response (by max_length and the like): rlhf_tasks/rows.py.
+    max_dropped_fraction: float = Field(0.05, ge=0, le=1)
     args: dict[str, Any] = {}
     lora: LoraSection = LoraSection()
     resources: ResourcesSection = ResourcesSection()
@@ -426,7 +480,8 @@ def _data_outside_project(params: Params, path: Path) -> list[tuple[str, str, Pa
     """
     project = Path(os.path.abspath(path.parent))
     found = []
-    for key, value in params.data.model_dump().items():
+    locations = {"dir": params.data.dir, **params.data.roles()}
+    for key, value in locations.items():
         if Path(value).is_absolute():
             continue
         target = Path(os.path.normpath(project / value))

@@ -1,22 +1,13 @@
 """Load preference, SFT and prompt data from files into one normalised schema.
 
 Accepted files: ``.jsonl``, ``.json`` (a list of records, or ``{"data": [...]}``), ``.parquet``,
-``.csv``, or a directory of them (read in sorted order). Accepted record formats, detected per
-record:
-
-- explicit prompt (TRL's preference format): ``{"prompt", "chosen", "rejected"}``;
-- implicit prompt (Anthropic HH-RLHF): ``{"chosen", "rejected"}`` that both hold the whole
-  dialogue, ``"\\n\\nHuman: ...\\n\\nAssistant: ..."``; the prompt is the shared dialogue up to the
-  last ``Assistant:`` turn;
-- conversational: ``prompt`` (optional), ``chosen`` and ``rejected`` as lists of
-  ``{"role", "content"}``; with no ``prompt`` the shared leading messages are the prompt;
-- SFT: ``{"prompt", "completion"}`` (strings or message lists) or ``{"messages": [...]}``;
-- prompts: ``{"prompt"}``.
+``.csv``, a Hugging Face dataset saved with ``save_to_disk`` (a ``DatasetDict``: its ``train``
+split, or for a held-out set its ``test`` / ``validation`` split), or a directory of files (read
+in sorted order). Record formats (TRL's, HH-RLHF, ShareGPT, Alpaca, OpenAI messages,
+UltraFeedback) are detected per record or chosen: see ``rlhf_tasks.formats``.
 
 Normalised columns: ``prompt``, ``chosen``, ``rejected`` (preferences) or ``prompt``,
 ``completion`` (sft) or ``prompt`` (prompts), plus optional ``id``, ``annotator``, ``margin``.
-A multi-turn prompt is rendered as a transcript
-(``Human: ...\\n\\nAssistant: ...\\n\\nHuman: ...``); a single user turn is its text.
 
 Files are read as streams (``iter_chunks``: a chunk of rows at a time, memory bounded by the
 chunk, not the file), except JSON documents, which are parsed whole.
@@ -42,6 +33,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from rlhf_tasks import formats
 from rlhf_tasks.errors import ConfigError
 
 TEXT_COLUMNS: dict[str, tuple[str, ...]] = {
@@ -55,11 +47,16 @@ PROVENANCE_COLUMNS = ("_file", "_line", "_format", "_missing", "_parse_error")
 DEFAULT_CHUNK_ROWS = 20_000
 SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 
-HH_ASSISTANT = "\n\nAssistant:"
 _SURROGATES = re.compile("[\ud800-\udfff]")
 # U+FFFD stands in for bytes that were not valid UTF-8 (see _clean_text); the gate reports it.
 REPLACEMENT_CHAR = "\ufffd"
 BOM = "\ufeff"  # a UTF-8 byte-order mark that some editors and spreadsheets put first
+
+
+Reading = formats.Reading
+AUTO = Reading()
+# Splits of a Hugging Face DatasetDict that a held-out data set reads, the first one present.
+HELDOUT_SPLITS = ("test", "validation", "heldout", "eval")
 
 
 @dataclass
@@ -73,12 +70,38 @@ class Dataset:
         return TEXT_COLUMNS[self.kind]
 
 
-def list_files(paths: Sequence[str | Path]) -> list[Path]:
-    """Expand directories into their data files; raise ConfigError for a missing path."""
+def _hf_split(path: Path, heldout: bool) -> Path:
+    """The split of a Hugging Face DatasetDict (saved with ``save_to_disk``) that a data set
+    reads: ``train``, or for a held-out set the first of HELDOUT_SPLITS. Each split is itself a
+    saved Dataset in a subdirectory, which a path may also name directly."""
+    splits = json.loads((path / "dataset_dict.json").read_text(encoding="utf-8"))["splits"]
+    wanted = HELDOUT_SPLITS if heldout else ("train",)
+    for name in wanted:
+        if name in splits:
+            return path / name
+    raise ConfigError(
+        f"{path}: a Hugging Face DatasetDict with splits {', '.join(splits)}, none of them "
+        f"{' / '.join(wanted)}; name the split's directory instead ({path / splits[0]})"
+    )
+
+
+def is_hf_dataset(path: Path) -> bool:
+    """A Dataset saved with Hugging Face's ``save_to_disk``."""
+    return path.is_dir() and (path / "state.json").is_file()
+
+
+def list_files(paths: Sequence[str | Path], heldout: bool = False) -> list[Path]:
+    """Expand directories into their data files; raise ConfigError for a missing path. A saved
+    Hugging Face Dataset is one entry (its directory); a DatasetDict, the split the data set
+    reads (``train``, or a held-out split when ``heldout``)."""
     files: list[Path] = []
     for raw in paths:
         path = Path(raw)
-        if path.is_dir():
+        if path.is_dir() and (path / "dataset_dict.json").is_file():
+            files.append(_hf_split(path, heldout))
+        elif is_hf_dataset(path):
+            files.append(path)
+        elif path.is_dir():
             found = sorted(p for p in path.rglob("*") if p.suffix.lower() in SUFFIXES)
             if not found:
                 raise ConfigError(f"{path}: directory holds no {'/'.join(SUFFIXES)} files")
@@ -205,17 +228,34 @@ _READERS = {
 }
 
 
+def _hf_records(path: Path) -> Iterator[tuple[int, dict[str, Any] | None, str | None]]:
+    """The rows of a saved Hugging Face Dataset, a batch at a time (memory-mapped Arrow)."""
+    from datasets import load_from_disk
+
+    index = 0
+    try:
+        dataset = load_from_disk(str(path))
+        for batch in dataset.iter(batch_size=4096):
+            for values in zip(*batch.values(), strict=True):
+                index += 1
+                yield index, {k: _none_if_nan(v) for k, v in zip(batch, values, strict=True)}, None
+    except Exception as exc:  # datasets raises several types for a damaged directory
+        yield max(index, 1), None, f"unreadable Hugging Face dataset: {str(exc).splitlines()[0]}"
+
+
 def _read_records(path: Path) -> Iterator[tuple[int, dict[str, Any] | None, str | None]]:
     """Yield (line, record, parse_error) for each record of one file, reading it as a stream
     (JSON documents excepted); a file that is not text, or holds no record, is one error."""
-    if path.suffix.lower() != ".parquet":
+    # A directory is a saved Hugging Face Dataset: list_files lets no other directory in.
+    reader = _hf_records if path.is_dir() else _READERS[path.suffix.lower()]
+    if path.suffix.lower() != ".parquet" and not path.is_dir():
         with path.open("rb") as fh:
             problem = _text_problem(fh.read(4096))
         if problem:
             yield 1, None, problem
             return
     empty = True
-    for item in _READERS[path.suffix.lower()](path):
+    for item in reader(path):
         empty = False
         yield item
     if empty:
@@ -230,134 +270,19 @@ def _none_if_nan(value: Any) -> Any:
     return value
 
 
-def _render_messages(messages: list[dict[str, Any]]) -> str:
-    """A single user turn is its text; several turns become an HH-style transcript."""
-    if len(messages) == 1 and messages[0].get("role") == "user":
-        return messages[0].get("content")
-    names = {"user": "Human", "assistant": "Assistant", "system": "System"}
-    return "\n\n".join(
-        f"{names.get(m.get('role'), str(m.get('role')).title())}: {m.get('content')}"
-        for m in messages
-    )
-
-
-def _check_messages(value: Any, key: str) -> list[dict[str, Any]]:
-    if not all(isinstance(m, dict) and "role" in m and "content" in m for m in value):
-        raise ValueError(f"{key!r} is a list but not of {{role, content}} messages")
-    return value
-
-
-def _final_assistant(messages: list[dict[str, Any]], key: str) -> Any:
-    if not messages or messages[-1].get("role") != "assistant":
-        raise ValueError(f"{key!r} must end with an assistant message")
-    return messages[-1].get("content")
-
-
-def _split_hh(chosen: str, rejected: str) -> tuple[str, str, str]:
-    """Split HH-RLHF dialogues into (prompt, chosen reply, rejected reply)."""
-    # The prompt is the longest shared prefix that ends with "\n\nAssistant:".
-    shared = 0
-    for a, b in zip(chosen, rejected, strict=False):
-        if a != b:
-            break
-        shared += 1
-    cut = chosen.rfind(HH_ASSISTANT, 0, shared + 1)
-    if cut < 0 or (not chosen.startswith("\n\nHuman:") and not chosen.startswith("Human:")):
-        raise ValueError("no shared '\\n\\nHuman: ... \\n\\nAssistant:' prompt in chosen/rejected")
-    end = cut + len(HH_ASSISTANT)
-    prompt = chosen[:end].strip()
-    prompt = prompt.removesuffix("Assistant:").rstrip()
-    prompt = prompt.removeprefix("Human:").strip() if prompt.count("Human:") == 1 else prompt
-    return prompt, chosen[end:].strip(), rejected[end:].strip()
-
-
-def _margin(value: Any) -> Any:
-    """A margin is a number; CSV cells are text, so "2.0" is 2.0 and an empty cell no margin."""
-    if not isinstance(value, str):
-        return value
-    if not value.strip():
-        return None
-    try:
-        return float(value)
-    except ValueError:
-        raise ValueError(f"'margin' must be a number, got {value!r}") from None
-
-
-def normalise_record(record: dict[str, Any], kind: str) -> tuple[dict[str, Any], str]:
-    """Return (normalised fields, format name); raise ValueError if the record has no known form."""
-    if "margin" in record:
-        record = {**record, "margin": _margin(record["margin"])}
-    out = {k: record[k] for k in OPTIONAL_COLUMNS if k in record and record[k] is not None}
-    found = detect_kind(record)
-    if kind != "prompts" and found not in (kind, "prompts"):
-        keys = ", ".join(sorted(record)[:6])
-        raise ValueError(f"a record of {found} data (keys: {keys}) in a data set of {kind}")
-    if kind == "preferences":
-        chosen, rejected = record.get("chosen"), record.get("rejected")
-        if isinstance(chosen, list) or isinstance(rejected, list):
-            chosen = _check_messages(chosen or [], "chosen")
-            rejected = _check_messages(rejected or [], "rejected")
-            prompt = record.get("prompt")
-            if prompt is None:
-                shared = 0
-                while (
-                    shared < min(len(chosen), len(rejected)) - 1
-                    and chosen[shared] == rejected[shared]
-                ):
-                    shared += 1
-                prompt, chosen, rejected = chosen[:shared], chosen[shared:], rejected[shared:]
-            if isinstance(prompt, list):
-                prompt = _render_messages(_check_messages(prompt, "prompt"))
-            out |= {
-                "prompt": prompt,
-                "chosen": _final_assistant(chosen, "chosen"),
-                "rejected": _final_assistant(rejected, "rejected"),
-            }
-            return out, "conversational"
-        implicit = "prompt" not in record and isinstance(rejected, str)
-        if implicit and isinstance(chosen, str) and HH_ASSISTANT in chosen:
-            prompt, chosen, rejected = _split_hh(chosen, rejected)
-            return out | {"prompt": prompt, "chosen": chosen, "rejected": rejected}, "implicit"
-        for key in TEXT_COLUMNS[kind]:
-            if key in record:
-                out[key] = record[key]
-        return out, "explicit"
-    if kind == "sft":
-        if isinstance(record.get("messages"), list):
-            messages = _check_messages(record["messages"], "messages")
-            out["prompt"] = _render_messages(messages[:-1]) if len(messages) > 1 else None
-            out["completion"] = _final_assistant(messages, "messages")
-            return out, "conversational"
-        prompt, completion = record.get("prompt"), record.get("completion")
-        if isinstance(prompt, list):
-            prompt = _render_messages(_check_messages(prompt, "prompt"))
-        if isinstance(completion, list):
-            completion = _final_assistant(_check_messages(completion, "completion"), "completion")
-        for key, value in (("prompt", prompt), ("completion", completion)):
-            if key in record:
-                out[key] = value
-        return out, "prompt_completion"
-    if isinstance(record.get("prompt"), list):
-        record = {**record, "prompt": _render_messages(_check_messages(record["prompt"], "prompt"))}
-    if "prompt" in record:
-        out["prompt"] = record["prompt"]
-    return out, "prompt_only"
-
-
-def detect_kind(record: dict[str, Any]) -> str:
-    if "chosen" in record or "rejected" in record:
-        return "preferences"
-    if "completion" in record or "messages" in record:
-        return "sft"
-    return "prompts"
-
-
-def _row(path: Path, line: int, record: dict[str, Any] | None, error: str | None, kind: str):
+def _row(
+    path: Path,
+    line: int,
+    record: dict[str, Any] | None,
+    error: str | None,
+    kind: str,
+    reading: Reading,
+) -> dict[str, Any]:
     """One row of the normalised frame: the record's fields and its provenance."""
     row: dict[str, Any] = {"_file": str(path), "_line": line, "_format": None, "_missing": None}
     if record is not None:
         try:
-            fields, fmt = normalise_record(record, kind)
+            fields, fmt = formats.normalise(record, kind, reading.format, reading.columns)
         except ValueError as exc:
             error = str(exc)
         else:
@@ -378,16 +303,27 @@ def _frame(rows: list[dict[str, Any]], kind: str) -> pd.DataFrame:
 
 
 def iter_chunks(
-    paths: Sequence[str | Path], kind: str | None = None, chunk_rows: int = DEFAULT_CHUNK_ROWS
+    paths: Sequence[str | Path],
+    kind: str | None = None,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    *,
+    reading: Reading = AUTO,
+    heldout: bool = False,
 ) -> Iterator[Dataset]:
     """The data set as consecutive chunks of at most ``chunk_rows`` rows each (at least one
     chunk, possibly empty), reading the files as streams: memory is bounded by the chunk size,
-    not the size of the files. ``kind=None`` detects it from the first good record.
+    not the size of the files. ``kind=None`` detects it from the first good record; ``reading``
+    says how records are read, ``heldout`` which split of a DatasetDict.
 
     Every chunk has all text columns of its kind (None where a record lacks the key, which
     ``_missing`` names) and the optional columns that its records have.
     """
-    files = list_files(paths)
+    files = list_files(paths, heldout)
+    if reading.format not in formats.FORMAT_NAMES:
+        raise ConfigError(
+            f"unknown data format {reading.format!r}; expected one of "
+            f"{', '.join(formats.FORMAT_NAMES)}"
+        )
     if kind is not None and kind not in TEXT_COLUMNS:
         raise ConfigError(f"unknown data kind {kind!r}; expected one of {', '.join(TEXT_COLUMNS)}")
     pending: list[tuple[Path, int, dict[str, Any] | None, str | None]] = []
@@ -396,7 +332,7 @@ def iter_chunks(
     def chunk() -> Dataset:
         nonlocal kind
         kind = kind or "preferences"
-        rows = [_row(*item, kind) for item in pending]
+        rows = [_row(*item, kind, reading) for item in pending]
         pending.clear()
         return Dataset(kind=kind, frame=_frame(rows, kind), files=files)
 
@@ -404,7 +340,7 @@ def iter_chunks(
         for line, record, error in _read_records(path):
             pending.append((path, line, record, error))
             if kind is None and record is not None:
-                kind = detect_kind(record)
+                kind = formats.detect_kind(formats.rename(record, reading.columns), reading.format)
             if len(pending) >= chunk_rows:
                 yield chunk()
                 done = True
@@ -412,9 +348,15 @@ def iter_chunks(
         yield chunk()
 
 
-def load(paths: Sequence[str | Path], kind: str | None = None) -> Dataset:
+def load(
+    paths: Sequence[str | Path],
+    kind: str | None = None,
+    *,
+    reading: Reading = AUTO,
+    heldout: bool = False,
+) -> Dataset:
     """Load files into one normalised Dataset (all rows in memory; see ``iter_chunks``)."""
-    (dataset,) = iter_chunks(paths, kind, chunk_rows=sys.maxsize)
+    (dataset,) = iter_chunks(paths, kind, sys.maxsize, reading=reading, heldout=heldout)
     return dataset
 
 

@@ -22,10 +22,10 @@ from typing import Any
 from rlhf_tasks import demo, reward
 from rlhf_tasks.config import EvaluateSection, ModelConfig, Params
 from rlhf_tasks.errors import ConfigError
+from rlhf_tasks.formats import prompt_messages
 from rlhf_tasks.locations import StageIO
 from rlhf_tasks.models import load_tokenizer, model_kwargs
 from rlhf_tasks.training import (
-    prompt_messages,
     read_jsonl,
     write_json,
 )

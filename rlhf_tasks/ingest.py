@@ -62,11 +62,13 @@ def check(params: Params, batch: str | Path, out_dir: Path = DEFAULT_OUT) -> dic
     _gate(small, [str(batch)], out_dir / "batch", f"the batch {batch}")
     chunk_rows = params.validate_config.chunk_rows
     seen, existing = data.KeyIndex(), 0  # rows are numbered across chunks, then the batch's
-    for chunk in data.iter_chunks([params.data.preferences_train], "preferences", chunk_rows):
+    reading = params.data.reading()
+    train = [params.data.preferences_train]
+    for chunk in data.iter_chunks(train, "preferences", chunk_rows, reading=reading):
         seen.add(_keys(chunk.frame), range(existing, existing + len(chunk.frame)))
         existing += len(chunk.frame)
     new_rows, rows, added = out_dir / NEW_ROWS, 0, 0
-    for chunk in data.iter_chunks([str(batch)], "preferences", chunk_rows):
+    for chunk in data.iter_chunks([str(batch)], "preferences", chunk_rows, reading=reading):
         # Only whole pairs are added (the gate refused anything else, unless a check is off).
         frame = chunk.frame[chunk.frame["_parse_error"].isna() & chunk.frame["_missing"].isna()]
         first = NEW_ROW_BASE + rows

@@ -31,13 +31,14 @@ from typing import Any
 from rlhf_tasks import launch, reward
 from rlhf_tasks.config import Params
 from rlhf_tasks.errors import ConfigError
+from rlhf_tasks.formats import prompt_messages
 from rlhf_tasks.locations import StageIO
 from rlhf_tasks.models import load_tokenizer, model_kwargs
+from rlhf_tasks.rows import RowCounts
 from rlhf_tasks.training import (
     fingerprint,
     fit,
     lora_config,
-    prompt_messages,
     read_jsonl,
     trainer_config,
     write_json,
@@ -160,6 +161,16 @@ def _train_trl(
         peft_config=lora_config(section.lora, "CAUSAL_LM"),
         **extra,
     )
+    # DPO drops the pairs that max_length / max_prompt_length truncate away entirely.
+    counts = RowCounts(
+        "policy",
+        algorithm,
+        read=len(rows),
+        kept=len(trainer.train_dataset),
+        limit=f"{algorithm}.args.max_length = {getattr(args, 'max_length', None)} tokens",
+    )
+    print(counts.summary())
+    counts.check(section.max_dropped_fraction)
     _, start = fit(trainer, io, run_id)
 
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
@@ -172,6 +183,7 @@ def _train_trl(
     metrics = {k: round(float(v), 6) for k, v in (history[-1] if history else {}).items()}
     metrics.pop("update", None)
     metrics.pop("episode", None)
+    metrics |= counts.metrics()
     if trainer.is_world_process_zero():
         with io.outputs["history"].open("w") as fh:
             fh.writelines(json.dumps(row) + "\n" for row in history)

@@ -31,14 +31,15 @@ from typing import Any
 
 from rlhf_tasks.config import ModelConfig, Params
 from rlhf_tasks.errors import ConfigError
+from rlhf_tasks.formats import prompt_messages
 from rlhf_tasks.locations import StageIO
 from rlhf_tasks.models import load_tokenizer, model_kwargs
+from rlhf_tasks.rows import RowCounts
 from rlhf_tasks.training import (
     fingerprint,
     fit,
     last_logged,
     lora_config,
-    prompt_messages,
     read_jsonl,
     trainer_config,
     write_results,
@@ -78,8 +79,9 @@ def init_location(params: Params, io: StageIO) -> str:
     return str(location)
 
 
-def build_trainer(params: Params, io: StageIO) -> Any:
-    """The RewardTrainer of this stage, its data tokenized (``trainer.train_dataset``)."""
+def build_trainer(params: Params, io: StageIO, rows: list[dict[str, Any]] | None = None) -> Any:
+    """The RewardTrainer of this stage, its data (``rows``, by default its input
+    ``preferences_train``) tokenized (``trainer.train_dataset``)."""
     from datasets import Dataset
     from trl import RewardConfig, RewardTrainer
 
@@ -93,7 +95,7 @@ def build_trainer(params: Params, io: StageIO) -> Any:
         model=params.model,
     )
     init = init_location(params, io)
-    rows = read_jsonl(io.inputs["preferences_train"], "reward")
+    rows = read_jsonl(io.inputs["preferences_train"], "reward") if rows is None else rows
     tokenizer = load_tokenizer(init, params.model.trust_remote_code, "reward.init_from")
     return RewardTrainer(
         model=init,
@@ -177,7 +179,18 @@ def run(params: Params, io: StageIO) -> dict[str, Any]:
     saved model; return locations and metrics."""
     cfg = params.reward
     heldout = read_jsonl(io.inputs["preferences_heldout"], "reward")
-    trainer = build_trainer(params, io)
+    rows = read_jsonl(io.inputs["preferences_train"], "reward")
+    trainer = build_trainer(params, io, rows)
+    # RewardTrainer drops the pairs whose chosen or rejected sequence is over max_length.
+    counts = RowCounts(
+        "reward_model",
+        "reward",
+        read=len(rows),
+        kept=len(trainer.train_dataset),
+        limit=f"reward.args.max_length = {trainer.args.max_length} tokens",
+    )
+    print(counts.summary())
+    counts.check(cfg.max_dropped_fraction)
     # Resume only a run of these params on these inputs (see training.checkpoint_to_resume).
     run_id = fingerprint(
         inputs=[str(io.inputs["preferences_train"]), init_location(params, io)],
@@ -202,6 +215,7 @@ def run(params: Params, io: StageIO) -> dict[str, Any]:
         "reward_model/epochs": round(state.epoch or 0.0, 4),
         # Pairs longer than args.max_length are dropped by RewardTrainer.
         "reward_model/train_pairs": len(trainer.train_dataset),
+        **counts.metrics(),
     }
     metrics = {key: value for key, value in metrics.items() if value is not None}
     timing = {

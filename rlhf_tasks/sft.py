@@ -25,14 +25,16 @@ from __future__ import annotations
 from typing import Any
 
 from rlhf_tasks.config import Params
+from rlhf_tasks.formats import prompt_messages
 from rlhf_tasks.locations import StageIO
 from rlhf_tasks.models import load_tokenizer
+from rlhf_tasks.rows import RowCounts, over
 from rlhf_tasks.training import (
+    chat_lengths,
     fingerprint,
     fit,
     last_logged,
     lora_config,
-    prompt_messages,
     read_jsonl,
     trainer_config,
     write_results,
@@ -50,8 +52,9 @@ def conversational(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     ]
 
 
-def build_trainer(params: Params, io: StageIO) -> Any:
-    """The SFTTrainer of this stage, its data tokenized (``trainer.train_dataset``)."""
+def build_trainer(params: Params, io: StageIO, rows: list[dict[str, Any]] | None = None) -> Any:
+    """The SFTTrainer of this stage, its data (``rows``, by default its input ``sft_train``)
+    tokenized (``trainer.train_dataset``)."""
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
@@ -59,7 +62,7 @@ def build_trainer(params: Params, io: StageIO) -> Any:
     args = trainer_config(
         SFTConfig, "sft", cfg.args, output_dir=io.checkpoints, seed=cfg.seed, model=model
     )
-    rows = read_jsonl(io.inputs["sft_train"], "sft")
+    rows = read_jsonl(io.inputs["sft_train"], "sft") if rows is None else rows
     tokenizer = load_tokenizer(model.name_or_path, model.trust_remote_code, "model.name_or_path")
     return SFTTrainer(
         model=model.name_or_path,
@@ -70,11 +73,33 @@ def build_trainer(params: Params, io: StageIO) -> Any:
     )
 
 
+def row_counts(trainer: Any, rows: list[dict[str, Any]]) -> RowCounts:
+    """The rows SFTTrainer keeps: it truncates each sequence to ``max_length`` tokens and drops
+    those left with no completion token."""
+    limit = trainer.args.max_length
+    full = chat_lengths(
+        trainer.processing_class, [c["prompt"] + c["completion"] for c in conversational(rows)]
+    )
+    kept = len(trainer.train_dataset)
+    return RowCounts(
+        "sft",
+        "sft",
+        read=len(rows),
+        kept=kept,
+        truncated=max(0, over(full, limit) - (len(rows) - kept)),
+        limit=f"sft.args.max_length = {limit} tokens",
+    )
+
+
 def run(params: Params, io: StageIO) -> dict[str, Any]:
     """The ``sft`` stage: train, save the (merged) model and the metrics; return locations and
     metrics."""
     cfg = params.sft
-    trainer = build_trainer(params, io)
+    rows = read_jsonl(io.inputs["sft_train"], "sft")
+    trainer = build_trainer(params, io, rows)
+    counts = row_counts(trainer, rows)
+    print(counts.summary())
+    counts.check(cfg.max_dropped_fraction)
     # Resume only a run of these params on these inputs (see training.checkpoint_to_resume).
     run_id = fingerprint(
         inputs=[str(io.inputs["sft_train"]), params.model.name_or_path],
@@ -95,7 +120,7 @@ def run(params: Params, io: StageIO) -> dict[str, Any]:
         "sft/mean_token_accuracy": last_logged(state.log_history, "mean_token_accuracy"),
         "sft/steps": state.global_step,
         "sft/epochs": round(state.epoch or 0.0, 4),
-        "sft/train_rows": len(trainer.train_dataset),
+        **counts.metrics(),
     }
     metrics = {key: value for key, value in metrics.items() if value is not None}
     timing = {

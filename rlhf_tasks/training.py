@@ -193,20 +193,13 @@ def lora_config(lora: LoraSection, task_type: str) -> Any:
 
 # -- data -------------------------------------------------------------------------------------
 
-_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant|System): ")
-_ROLES = {"Human": "user", "Assistant": "assistant", "System": "system"}
 
-
-def prompt_messages(prompt: str) -> list[dict[str, str]]:
-    """The chat messages of a normalised prompt: one user message, or the turns of a multi-turn
-    prompt, which ``rlhf_tasks.data`` renders as a transcript,
-    ``Human: ...\\n\\nAssistant: ...\\n\\nHuman: ...``."""
-    if not prompt.startswith(("Human: ", "System: ")):
-        return [{"role": "user", "content": prompt}]
-    parts = _TURN.split(prompt)  # ["", "Human", "text", "Assistant", "text", ...]
+def chat_lengths(tokenizer: Any, conversations: list[list[dict[str, str]]]) -> list[int]:
+    """Token count of each conversation as the chat template renders it (the whole sequence a
+    trainer tokenizes, before any truncation)."""
     return [
-        {"role": _ROLES[name], "content": text}
-        for name, text in zip(parts[1::2], parts[2::2], strict=True)
+        len(tokenizer.apply_chat_template(c, tokenize=True, return_dict=True)["input_ids"])
+        for c in conversations
     ]
 
 

@@ -52,7 +52,7 @@ from typing import Any
 import pandas as pd
 
 from rlhf_tasks.config import Params, ValidateConfig
-from rlhf_tasks.data import Dataset, KeyIndex, iter_chunks, write_jsonl
+from rlhf_tasks.data import AUTO, Dataset, KeyIndex, Reading, iter_chunks, write_jsonl
 from rlhf_tasks.errors import ConfigError, DataError
 from rlhf_tasks.locations import StageIO
 
@@ -376,6 +376,7 @@ class Source:
     paths: tuple[str, ...]
     kind: str | None  # None: detected from the first record
     heldout: bool = False
+    reading: Reading = AUTO  # the records' format and the file's key names
 
 
 def run_checks(
@@ -445,7 +446,9 @@ def run_checks(
         plan: list[tuple[str, str | None, Any]] = []
         items: list[CheckResult] = []
         definition = None
-        for chunk in iter_chunks(src.paths, src.kind, cfg.chunk_rows):
+        for chunk in iter_chunks(
+            src.paths, src.kind, cfg.chunk_rows, reading=src.reading, heldout=src.heldout
+        ):
             file_ids = {str(f): i for i, f in enumerate(chunk.files)}
             frame = _add_helper_columns(chunk, tokenizer, overlap, seen, file_ids)
             if definition is None:  # the same columns, so the same suite, for every chunk
@@ -518,7 +521,9 @@ def _heldout_prompts(sources: dict[str, Source], chunk_rows: int) -> set[str]:
     prompts: set[str] = set()
     for src in sources.values():
         if src.heldout:
-            for chunk in iter_chunks(src.paths, src.kind, chunk_rows):
+            for chunk in iter_chunks(
+                src.paths, src.kind, chunk_rows, reading=src.reading, heldout=True
+            ):
                 prompts.update(p.strip() for p in chunk.frame["prompt"] if isinstance(p, str))
     return prompts
 
@@ -533,13 +538,13 @@ def _plain(value: Any) -> Any:
 
 def default_sources(params: Params) -> dict[str, Source]:
     """The data sets named in params.yaml's ``data`` section."""
-    d = params.data
+    d, how = params.data, params.data.reading()
     return {
-        "preferences_train": Source((d.preferences_train,), "preferences"),
-        "preferences_heldout": Source((d.preferences_heldout,), "preferences", heldout=True),
-        "sft_train": Source((d.sft_train,), "sft"),
-        "prompts_rl": Source((d.prompts_rl,), "prompts"),
-        "prompts_heldout": Source((d.prompts_heldout,), "prompts", heldout=True),
+        "preferences_train": Source((d.preferences_train,), "preferences", False, how),
+        "preferences_heldout": Source((d.preferences_heldout,), "preferences", True, how),
+        "sft_train": Source((d.sft_train,), "sft", False, how),
+        "prompts_rl": Source((d.prompts_rl,), "prompts", False, how),
+        "prompts_heldout": Source((d.prompts_heldout,), "prompts", True, how),
     }
 
 
@@ -587,10 +592,11 @@ def validate(
     """
     cfg = params.validate_config
     if paths:
-        sources = {"input": Source(tuple(paths), None)}
+        how = params.data.reading()
+        sources = {"input": Source(tuple(paths), None, False, how)}
         # One data set per held-out file: they may be of different kinds (pairs, prompts).
         for i, path in enumerate(heldout or []):
-            sources["heldout" if i == 0 else f"heldout_{i + 1}"] = Source((path,), None, True)
+            sources["heldout" if i == 0 else f"heldout_{i + 1}"] = Source((path,), None, True, how)
     else:
         sources = default_sources(params)
     tokenizer, max_tokens = (None, None)

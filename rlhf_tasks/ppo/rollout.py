@@ -18,7 +18,9 @@ from typing import Any
 import torch
 
 from rlhf_tasks.config import PpoSection
+from rlhf_tasks.formats import prompt_messages
 from rlhf_tasks.ppo.maths import gae, masked_whiten, token_rewards, truncate_after_eos
+from rlhf_tasks.rows import RowCounts
 
 
 def sequence_logprobs(
@@ -72,17 +74,48 @@ class ValueModel(torch.nn.Module):
         return token_scores(self.model, input_ids, attention_mask)
 
 
-def load_prompts(path: Path, tokenizer: Any) -> list[list[int]]:
-    """Prompts rendered with the chat template's generation prompt, as token ids."""
+def prompt_limit(cfg: PpoSection, tokenizer: Any) -> int | None:
+    """The longest prompt PPO takes, in tokens: ``ppo.max_prompt_length``, or else the model's
+    max length less the response's (None when the tokenizer declares no max length)."""
+    if cfg.max_prompt_length is not None:
+        return cfg.max_prompt_length
+    model_max = getattr(tokenizer, "model_max_length", None)
+    if not model_max or model_max > 1_000_000:  # transformers' "no limit" is a huge int
+        return None
+    return max(1, model_max - cfg.response_length)
+
+
+def load_prompts(path: Path, tokenizer: Any, cfg: PpoSection) -> tuple[list[list[int]], RowCounts]:
+    """Prompts rendered with the chat template's generation prompt, as token ids (a
+    multi-turn prompt as its turns, as evaluation and the reward model see it), and what became
+    of them: a prompt over ``prompt_limit`` tokens is dropped, or with ``truncate_prompts: left``
+    keeps its last tokens (the turn to answer)."""
     prompts = [json.loads(line)["prompt"] for line in path.open(encoding="utf-8") if line.strip()]
     texts = [
         tokenizer.apply_chat_template(
-            [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False
+            prompt_messages(p), add_generation_prompt=True, tokenize=False
         )
         for p in prompts
     ]
     # The template writes the BOS itself.
-    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    limit = prompt_limit(cfg, tokenizer)
+    long = [i for i, row in enumerate(ids) if limit is not None and len(row) > limit]
+    if cfg.truncate_prompts == "left":
+        kept = [row[-limit:] if limit is not None else row for row in ids]
+    else:
+        skip = set(long)
+        kept = [row for i, row in enumerate(ids) if i not in skip]
+    setting = "ppo.max_prompt_length" if cfg.max_prompt_length else "the model's max length"
+    counts = RowCounts(
+        "policy",
+        "ppo",
+        read=len(ids),
+        kept=len(kept),
+        prompts_truncated=len(long) if cfg.truncate_prompts == "left" else 0,
+        limit=f"{setting} = {limit} prompt tokens",
+    )
+    return kept, counts
 
 
 def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,7 +10,8 @@ import torch
 from trl import RewardConfig, SFTConfig
 
 from rlhf_tasks.errors import ConfigError
-from rlhf_tasks.training import checkpoint_to_resume, fingerprint, prompt_messages, trainer_config
+from rlhf_tasks.formats import prompt_messages
+from rlhf_tasks.training import checkpoint_to_resume, fingerprint, trainer_config
 
 
 def _sft_config(tmp_path: Path, **args):
