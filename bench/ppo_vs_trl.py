@@ -115,25 +115,34 @@ def main() -> None:
         scratch = Path(tmp)
         project = _project(args, scratch, env)
         sys.path.insert(0, env["PYTHONPATH"])
-        from rlhf_tasks import policy as policy_stage
         from rlhf_tasks import ppo
         from rlhf_tasks.config import load_params
         from rlhf_tasks.models import load_tokenizer
+        from rlhf_tasks.stages import STAGES
 
         os.chdir(project)
         cfg = load_params("params.yaml", args.overrides).ppo
-        tokenizer = load_tokenizer(str(policy_stage.SFT_MODEL), False, "sft model")
+        inputs = STAGES["policy"].io(project).inputs
+        tokenizer = load_tokenizer(str(inputs["sft_model"]), False, "sft model")
         ids = scratch / "prompt_ids.jsonl"
-        rows = ppo.load_prompts(policy_stage.PROMPTS, tokenizer)
+        rows, _ = ppo.load_prompts(inputs["prompts_rl"], tokenizer, cfg)
         ids.write_text("".join(json.dumps(r) + "\n" for r in rows))
         common = {
-            "sft_model": str(policy_stage.SFT_MODEL.resolve()),
-            "reward_model": str(policy_stage.REWARD_MODEL.resolve()),
-            "prompts": str(policy_stage.PROMPTS.resolve()),
+            "sft_model": str(inputs["sft_model"].resolve()),
+            "reward_model": str(inputs["reward_model"].resolve()),
+            "prompts": str(inputs["prompts_rl"].resolve()),
             "prompt_ids": str(ids),
             "threads": args.threads,
             "overrides": args.overrides,
-            **cfg.model_dump(exclude={"lora", "resources"}),
+            **cfg.model_dump(
+                exclude={
+                    "lora",
+                    "resources",
+                    "max_prompt_length",
+                    "truncate_prompts",
+                    "max_dropped_fraction",
+                }
+            ),
         }
         runs: dict[str, dict] = {}
         for name, command in (

@@ -62,7 +62,10 @@ def train(
     Models load as ``model_cfg`` (params' ``model``) allows: see ``models.model_kwargs``."""
     run = _setup(cfg, policy, reward_model, value_model, model_cfg)
     state, accelerator = run.state, run.state.accelerator
-    prompt_ids = load_prompts(Path(prompts), run.models.tokenizer)
+    prompt_ids, counts = load_prompts(Path(prompts), run.models.tokenizer, cfg)
+    if accelerator.is_main_process:
+        print(counts.summary())
+    counts.check(cfg.max_dropped_fraction)
     start, history = state.resume(out_dir, run_id)
 
     # With several processes (DDP under `accelerate launch`) each answers its own share of the
@@ -109,7 +112,7 @@ def train(
         setup_s=loop_start - run.started,
         loop_s=time.perf_counter() - loop_start,
     )
-    metrics = _finish(run, cfg, out_dir, history)
+    metrics = _finish(run, cfg, out_dir, history, counts.metrics())
     return {
         "outputs": {"model": str(out_dir / "model"), "history": str(out_dir / "history.jsonl")},
         "metrics": metrics,
@@ -273,14 +276,17 @@ def _metrics_row(
     return row
 
 
-def _finish(run: _Run, cfg: PpoSection, out_dir: Path, history: list[dict]) -> dict[str, float]:
+def _finish(
+    run: _Run, cfg: PpoSection, out_dir: Path, history: list[dict], rows: dict[str, int]
+) -> dict[str, float]:
     """Write the outputs (main process): the policy to ``out_dir/model`` (a LoRA adapter merged
-    into it), every update's metrics to ``history.jsonl``, the last update's to
-    ``metrics.json``. Return those last metrics (the keys with a "/": not update, episode, lr)."""
+    into it), every update's metrics to ``history.jsonl``, the last update's and the prompts'
+    ``rows`` counts to ``metrics.json``. Return those metrics (the keys with a "/": not update,
+    episode, lr)."""
     accelerator = run.state.accelerator
     model_dir = out_dir / "model"
     final = history[-1] if history else {}
-    metrics = {k: v for k, v in final.items() if "/" in k}
+    metrics = {k: v for k, v in final.items() if "/" in k} | rows
     if accelerator.is_main_process:
         final_policy = accelerator.unwrap_model(run.models.policy)
         if cfg.lora.enabled:

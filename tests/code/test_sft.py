@@ -58,7 +58,8 @@ def test_run_writes_a_model_directory_and_metrics(tiny, base_model_dir: Path):
 
     metrics = json.loads((project / "artifacts/sft/metrics.json").read_text())
     assert metrics["sft/steps"] == 4
-    assert metrics["sft/train_rows"] == 64
+    assert metrics["sft/rows_read"] == metrics["sft/rows_kept"] == 64
+    assert metrics["sft/rows_dropped"] == metrics["sft/rows_truncated"] == 0
     # The loss and accuracy reported are those of the training log, one entry per step here.
     log = json.loads((project / "artifacts/sft/trainer_state.json").read_text())["log_history"]
     losses = [e["loss"] for e in log if "loss" in e]

@@ -1,0 +1,66 @@
+"""What a training stage does with its rows: how many it read, kept, truncated into the response
+and dropped, and why. Reported on the console and in the stage's metrics (so in ``metrics.json``
+and MLflow); a stage that would lose more than ``<section>.max_dropped_fraction`` of its rows
+(dropped, or truncated into the response) fails before it trains, naming the limit and the share.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from rlhf_tasks.errors import DataError
+
+
+@dataclass(frozen=True)
+class RowCounts:
+    stage: str  # the metrics' prefix (sft, reward_model, policy, ...)
+    section: str  # the params section that holds max_dropped_fraction
+    read: int
+    kept: int
+    truncated: int = 0  # kept, but cut into the response
+    limit: str = ""  # the setting that decides, e.g. "reward.args.max_length = 128 tokens"
+    prompts_truncated: int = 0  # kept with the start of the prompt cut (not counted as lost)
+
+    @property
+    def dropped(self) -> int:
+        return self.read - self.kept
+
+    def metrics(self) -> dict[str, int]:
+        return {
+            f"{self.stage}/rows_read": self.read,
+            f"{self.stage}/rows_kept": self.kept,
+            f"{self.stage}/rows_truncated": self.truncated,
+            f"{self.stage}/rows_dropped": self.dropped,
+            f"{self.stage}/prompts_truncated": self.prompts_truncated,
+        }
+
+    def summary(self) -> str:
+        changed = self.dropped or self.truncated or self.prompts_truncated
+        why = f" by {self.limit}" if self.limit and changed else ""
+        cut = f", {self.prompts_truncated} prompts cut" if self.prompts_truncated else ""
+        return (
+            f"{self.stage}: trains on {self.kept} of {self.read} rows ({self.dropped} dropped, "
+            f"{self.truncated} truncated into the response{cut}{why})"
+        )
+
+    def check(self, max_fraction: float) -> None:
+        """Raise DataError when more than ``max_fraction`` of the rows would be lost."""
+        if self.read == 0:
+            raise DataError(f"{self.stage}: no rows to train on")
+        lost = self.dropped + self.truncated
+        if lost / self.read > max_fraction:
+            raise DataError(
+                f"{self.stage}: {lost} of {self.read} rows ({lost / self.read:.1%}) would be "
+                f"dropped ({self.dropped}) or truncated into the response ({self.truncated}) "
+                f"by {self.limit or 'the trainer'}; at most {max_fraction:.0%} may be "
+                f"({self.section}.max_dropped_fraction). Raise the limit, shorten or filter the "
+                f"data, or raise {self.section}.max_dropped_fraction"
+            )
+        if self.kept == 0:
+            raise DataError(f"{self.stage}: no rows left to train on ({self.summary()})")
+
+
+def over(lengths: Iterable[int], limit: int | None) -> int:
+    """How many of ``lengths`` exceed ``limit`` (None: no limit)."""
+    return 0 if limit is None else sum(length > limit for length in lengths)
