@@ -12,12 +12,22 @@ from __future__ import annotations
 from typing import Any
 
 from prefect import flow, task
+from prefect.states import Failed, State
 
 from flows import reports
 from rlhf_tasks import environment, ingest
 from rlhf_tasks.config import DEFAULT_PARAMS, load_params
 
 RETRAIN_DEPLOYMENT = "rlhf_pipeline/rlhf-retrain"
+
+
+def _check(params: Any, batch: str) -> Any:
+    """``ingest.check``; a rejected batch ends the task Failed with the verdict as its message,
+    not as an exception with a traceback in the log."""
+    try:
+        return ingest.check(params, batch)
+    except ingest.IngestRejected as exc:
+        return Failed(message=str(exc).splitlines()[0], data=exc)
 
 
 @flow(name="rlhf_ingest")
@@ -28,13 +38,18 @@ def rlhf_ingest(
     commit: bool = True,
     push: bool = True,
     retrain: bool = False,
-) -> dict[str, Any]:
+) -> dict[str, Any] | State:
     environment.set_defaults()  # a worker runs this flow without the `rlhf` command
     params = load_params(params_path, overrides or [])
-    state = task(ingest.check, name="check", log_prints=False)(params, batch, return_state=True)
+    state = task(_check, name="check", log_prints=True)(params, batch, return_state=True)
     if state.is_failed():
         for part in ("batch", "merged"):
             reports.validation_artifact(ingest.DEFAULT_OUT / part / "report.json")
+        rejected = state.result(raise_on_failure=False)
+        if isinstance(rejected, ingest.IngestRejected):
+            # One message, no traceback: the flow run ends Failed with the gate's verdict (the
+            # CLI prints it whole; the report is an artifact of the run).
+            return Failed(message=str(rejected).splitlines()[0], data=rejected)
     checked = state.result()
     result = task(ingest.merge_and_version, name="merge_and_version")(params, checked, commit)
     result.update(rows=checked["rows"], duplicates=checked["duplicates"])

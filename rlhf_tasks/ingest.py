@@ -41,9 +41,11 @@ class IngestRejected(validate.ValidationFailed):
 def _gate(params: Params, paths: list[str], out_dir: Path, what: str) -> None:
     heldout = [params.data.preferences_heldout, params.data.prompts_heldout]
     report, result = validate.validate(params, paths=paths, heldout=heldout, out_dir=out_dir)
+    summary = validate.summary(report, result["outputs"])
     if not report.valid:
-        summary = validate.summary(report, result["outputs"])
         raise IngestRejected(f"{what} failed the validation gate; data/ is unchanged.\n{summary}")
+    # Passed: its warnings (each with example rows) are worth reading; otherwise one line.
+    print(f"{what}: {summary if report.warnings else summary.splitlines()[0]}")
 
 
 def check(params: Params, batch: str | Path, out_dir: Path = DEFAULT_OUT) -> dict[str, Any]:

@@ -55,6 +55,9 @@ def test_a_bad_batch_changes_nothing(clone: Path) -> None:
     assert "the batch" in proc.stderr and "failed the validation gate" in proc.stderr
     assert "chosen_differs" in proc.stderr and "heldout_overlap" in proc.stderr
     assert "bad.jsonl:1" in proc.stderr  # file and row
+    # One message (the CLI's), and no traceback from Prefect's task or flow engine.
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert (proc.stdout + proc.stderr).count("chosen_differs: ") == 1, proc.stdout + proc.stderr
     assert _snapshot(clone) == before
     assert sh("git", "rev-list", "--count", "HEAD", cwd=clone).stdout == commits
 
@@ -74,6 +77,7 @@ def test_a_good_batch_becomes_a_new_data_version(clone: Path) -> None:
     md5, remote = _md5(clone), _remote_files(clone)
     proc = sh(BIN / "rlhf", "ingest", good, cwd=clone, code=clone)
     assert "5 new pair(s), 1 already in the data" in proc.stdout, proc.stdout
+    assert f"the batch {good}: Validation gate PASSED" in proc.stdout, proc.stdout
     after = (clone / "data/preferences/train.jsonl").read_text().splitlines()
     assert after[: len(existing)] == existing and len(after) == len(existing) + 5
     assert _md5(clone) != md5
