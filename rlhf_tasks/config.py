@@ -286,6 +286,8 @@ class PpoSection(_Section):
     cliprange_value: float = Field(0.2, gt=0)
     vf_coef: float = Field(0.1, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
+    # AdamW's weight decay, on weight matrices only (never biases or norms); TRL and InstructGPT: 0.
+    weight_decay: float = Field(0.0, ge=0)
     # Subtracted from the score of a response that never ends (no EOS); null: no penalty.
     missing_eos_penalty: float | None = Field(1.0, ge=0)
     # Prompts longer than this many tokens (chat template applied) are dropped, or cut to their
@@ -308,6 +310,21 @@ class PpoSection(_Section):
             raise ValueError(
                 f"mini_batch_size ({self.mini_batch_size}) exceeds rollout_batch_size "
                 f"({self.rollout_batch_size})"
+            )
+        # Both sizes count episodes over all processes; each process takes an equal share (a
+        # remainder would be prompts silently left out, or uneven steps).
+        processes = self.resources.num_processes
+        for name in ("rollout_batch_size", "mini_batch_size"):
+            if getattr(self, name) % processes:
+                raise ValueError(
+                    f"{name} ({getattr(self, name)}) is not divisible by "
+                    f"resources.num_processes ({processes}): each process takes an equal share"
+                )
+        if self.mixed_precision == "fp16":
+            raise ValueError(
+                "mixed_precision fp16 is not supported: the policy and value optimisers would "
+                "share one loss scaler, unscaled twice per step; use bf16 (a GPU with bf16 "
+                "support) or no"
             )
         return self
 

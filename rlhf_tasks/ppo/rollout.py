@@ -42,6 +42,7 @@ def sequence_logprobs(
         attention_mask=attention_mask,
         position_ids=position_ids,
         logits_to_keep=responses.shape[1] + 1,  # positions context_len - 1 ... end
+        use_cache=False,  # one pass over whole sequences: a key/value cache is wasted memory
     ).logits
     logits = logits[:, :-1].float() / temp  # position t predicts token t + 1
     chosen = torch.gather(logits, 2, responses.unsqueeze(-1)).squeeze(-1)
@@ -57,7 +58,10 @@ def token_scores(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tens
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     backbone = getattr(model, model.base_model_prefix)
     hidden = backbone(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        use_cache=False,
     ).last_hidden_state
     return model.score(hidden).squeeze(-1).float()
 
@@ -155,6 +159,29 @@ def reference_logprobs(
         return sequence_logprobs(models.policy, sequences, attention, context_len, temp)
 
 
+def generation_config(cfg: PpoSection, pad_id: int, eos_id: int) -> Any:
+    """The whole sampling configuration, from ``ppo`` params only: a checkpoint's own
+    ``generation_config.json`` (a repetition penalty, top-p, a minimum length) would sample from
+    another distribution than the log-probs, taken at ``temperature`` alone, assume."""
+    from transformers import GenerationConfig
+
+    return GenerationConfig(
+        do_sample=True,
+        temperature=cfg.temperature,
+        top_k=0,
+        top_p=1.0,
+        min_p=None,
+        typical_p=1.0,
+        repetition_penalty=1.0,
+        no_repeat_ngram_size=0,
+        min_new_tokens=0,
+        max_new_tokens=cfg.response_length,
+        num_beams=1,
+        pad_token_id=pad_id,
+        eos_token_id=eos_id,
+    )
+
+
 @dataclass
 class Rollout:
     """One update's batch: the sampled responses and everything the PPO epochs and the metrics
@@ -195,24 +222,20 @@ def rollout(
     context_len = queries.shape[1]
 
     policy.eval()
-    with torch.no_grad(), clock("generation"):
+    with torch.no_grad(), accelerator.autocast(), clock("generation"):
         generated = accelerator.unwrap_model(policy).generate(
             input_ids=queries,
             attention_mask=query_mask,
-            max_new_tokens=cfg.response_length,
-            do_sample=True,
-            temperature=cfg.temperature,
-            top_k=0,
-            top_p=1.0,
-            pad_token_id=pad_id,
-            eos_token_id=eos_id,
+            generation_config=generation_config(cfg, pad_id, eos_id),
         )
         responses = generated[:, context_len:]
         responses = torch.nn.functional.pad(
             responses, (0, cfg.response_length - responses.shape[1]), value=pad_id
         )
         responses, mask = truncate_after_eos(responses, eos_id, pad_id)
-    with torch.no_grad(), clock("scoring"):
+    # Every model under the same autocast as the policy's training forwards (bf16 or none): the
+    # reference's log-probs equal the policy's before the first update, so the KL starts at 0.
+    with torch.no_grad(), accelerator.autocast(), clock("scoring"):
         sequences = torch.cat([queries, responses], dim=1)  # (B, context_len + T)
         attention = torch.cat([query_mask, mask], dim=1)
         logprobs = sequence_logprobs(policy, sequences, attention, context_len, cfg.temperature)

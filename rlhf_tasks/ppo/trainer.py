@@ -86,6 +86,8 @@ def train(
     for update in progress:
         torch.manual_seed(cfg.seed + update)  # all of this update's randomness comes from here
         prompt_batch = draw_prompts(prompt_ids, cfg.rollout_batch_size, mine)
+        if accelerator.process_index:  # each process samples its own stream (the first keeps
+            torch.manual_seed(cfg.seed + update + 1_000_003 * accelerator.process_index)  # one)
         batch = rollout(run.models, prompt_batch, cfg, state.kl_ctl.value, clock)
         with clock("optimisation"):
             stats = ppo_epochs(run, batch, cfg)
@@ -155,21 +157,32 @@ def _setup(
 
     # Models: the policy; the frozen reference for the KL penalty (a copy of the initial policy,
     # or with LoRA the policy with its adapter disabled); the frozen reward model; the value model.
-    policy_model = AutoModelForCausalLM.from_pretrained(policy, **remote)
+    # All in fp32 whatever the checkpoint's dtype (a bf16 checkpoint would otherwise train bf16
+    # master weights, whose updates round away at RLHF learning rates); bf16 comes from autocast
+    # (ppo.mixed_precision), for every model alike. Every dropout is off: PPO's ratios need
+    # deterministic forward passes.
+    load = {**remote, "dtype": torch.float32}
+
+    def causal_lm() -> Any:
+        config = _no_dropout(policy, remote)
+        return AutoModelForCausalLM.from_pretrained(policy, config=config, **load)
+
+    def scorer_model(location: str | Path) -> Any:
+        config = _no_dropout(location, remote)
+        return AutoModelForSequenceClassification.from_pretrained(location, config=config, **load)
+
+    policy_model = causal_lm()
     ref_policy = None
     if cfg.lora.enabled:
         from peft import get_peft_model
 
         policy_model = get_peft_model(policy_model, lora_config(cfg.lora, "CAUSAL_LM"))
     else:
-        ref_policy = AutoModelForCausalLM.from_pretrained(policy, **remote).to(device).eval()
-    scorer = AutoModelForSequenceClassification.from_pretrained(reward_model, **remote)
-    scorer = scorer.to(device).eval()
-    critic = AutoModelForSequenceClassification.from_pretrained(
-        value_model or reward_model, **remote
-    )
+        ref_policy = causal_lm().to(device).eval()
+    scorer = scorer_model(reward_model).to(device).eval()
+    critic = scorer_model(value_model or reward_model)
     for model in (policy_model, critic):
-        for module in model.modules():  # PPO's ratios need deterministic forward passes
+        for module in model.modules():  # modules that read a dropout rate of their own
             if isinstance(module, torch.nn.Dropout):
                 module.p = 0.0
     critic = ValueModel(critic)
@@ -177,9 +190,14 @@ def _setup(
     n_updates = max(1, cfg.total_episodes // cfg.rollout_batch_size)
     trainable = [p for p in policy_model.parameters() if p.requires_grad]
     # foreach: one kernel per step for all tensors (PyTorch picks it on CUDA only by default).
-    policy_opt = torch.optim.AdamW(trainable, lr=cfg.learning_rate, eps=1e-5, foreach=True)
+    policy_opt = torch.optim.AdamW(
+        _decay_groups(trainable, cfg.weight_decay), lr=cfg.learning_rate, eps=1e-5, foreach=True
+    )
     value_opt = torch.optim.AdamW(
-        critic.parameters(), lr=cfg.value_learning_rate, eps=1e-5, foreach=True
+        _decay_groups(list(critic.parameters()), cfg.weight_decay),
+        lr=cfg.value_learning_rate,
+        eps=1e-5,
+        foreach=True,
     )
     # Linear decay to 0 over the run, one scheduler step per update.
     policy_sched = torch.optim.lr_scheduler.LambdaLR(policy_opt, lambda u: 1 - u / n_updates)
@@ -201,6 +219,28 @@ def _setup(
     return _Run(models, state, trainable, n_updates, started)
 
 
+def _no_dropout(location: str | Path, remote: dict[str, Any]) -> Any:
+    """The model's config with every dropout rate 0 (``attention_dropout``, ``hidden_dropout``,
+    ``resid_pdrop``, ...: each family names its own; some read them as plain floats)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(location, trust_remote_code=remote["trust_remote_code"])
+    for key, value in list(vars(config).items()):
+        if ("dropout" in key or key.endswith("_pdrop")) and isinstance(value, float):
+            setattr(config, key, 0.0)
+    return config
+
+
+def _decay_groups(params: list[torch.nn.Parameter], weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW parameter groups: weight decay on matrices only, never on biases, norms' scales or
+    the value head's bias (one-dimensional parameters); none at all by default (TRL and
+    InstructGPT use 0)."""
+    return [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+
+
 def ppo_epochs(run: _Run, batch: Rollout, cfg: PpoSection) -> dict[str, list[float]]:
     """``cfg.ppo_epochs`` passes over the rollout in shuffled minibatches; on each minibatch one
     step of both optimisers on the clipped policy loss plus ``vf_coef`` times the clipped value
@@ -213,8 +253,11 @@ def ppo_epochs(run: _Run, batch: Rollout, cfg: PpoSection) -> dict[str, list[flo
     critic.train()
     stats: dict[str, list[float]] = {k: [] for k in ("pg", "vf", "approxkl", "clip", "vclip")}
     stats["ratio"] = []
+    # mini_batch_size counts the episodes of one optimiser step over all processes: each
+    # process takes its share (config checks that the process count divides it).
+    per_process = cfg.mini_batch_size // accelerator.num_processes
     for _ in range(cfg.ppo_epochs):
-        for idx in torch.randperm(len(batch.sequences)).split(cfg.mini_batch_size):
+        for idx in torch.randperm(len(batch.sequences)).split(per_process):
             seq, att, m = batch.sequences[idx], batch.attention[idx], batch.mask[idx]
             new_logprobs = sequence_logprobs(policy, seq, att, context_len, cfg.temperature)
             pg = policy_loss(

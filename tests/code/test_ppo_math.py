@@ -132,6 +132,33 @@ def test_policy_loss_clips_the_ratio(advantage: float, loss: float, clipfrac: fl
     close(out.approxkl, 0.5 * math.log(1.5) ** 2)
 
 
+@pytest.mark.parametrize(
+    ("advantage", "loss", "clipfrac"),
+    [
+        (-1.0, 0.8, 1.0),  # ratio 0.5 < 1 - 0.2 with A < 0: the clipped term (0.8) wins
+        (1.0, -0.5, 0.0),  # with A > 0 the unclipped term (-0.5) is the larger: no clipping
+    ],
+)
+def test_policy_loss_clips_a_ratio_below_one_minus_epsilon(
+    advantage: float, loss: float, clipfrac: float
+) -> None:
+    new, old = t([math.log(0.5)]), t([0.0])
+    out = policy_loss(new, old, t([advantage]), t([1]), clip_range=0.2)
+    close(out.loss, loss)
+    close(out.clipfrac, clipfrac)
+    close(out.ratio, 0.5)
+
+
+def test_value_clipping_is_around_the_old_value_not_zero() -> None:
+    old, mask = t([3.0, 3.0]), t([1, 1])
+    new, returns = t([4.0, 2.5]), t([5.0, 2.0])
+    loss, clipfrac = value_loss(new, old, returns, mask, clip_range=0.2)
+    # token 0: V_clip = 3.2; (4 - 5)^2 = 1 < (3.2 - 5)^2 = 3.24 -> 3.24, clipped
+    # token 1: V_clip = 2.8; (2.5 - 2)^2 = 0.25 < (2.8 - 2)^2 = 0.64 -> 0.64, clipped
+    close(loss, 0.5 * (3.24 + 0.64) / 2)
+    close(clipfrac, 1.0)
+
+
 def test_value_loss_takes_the_larger_of_clipped_and_unclipped_errors() -> None:
     old, mask = t([0.0, 0.0]), t([1, 1])
     new, returns = t([1.0, 1.0]), t([0.5, 2.0])

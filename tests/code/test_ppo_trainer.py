@@ -158,3 +158,118 @@ def test_lora_policy_uses_the_adapterless_model_as_reference(
     end = load_file(str(model_dir / "model.safetensors"))
     assert start.keys() == end.keys()
     assert any(not (start[k] == end[k]).all() for k in start)
+
+
+# -- real checkpoints, and the wiring of the rollout ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bf16_checkpoint(base_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The base model as hub checkpoints ship: bf16 safetensors, attention dropout on, and a
+    generation config with sampling settings of its own."""
+    import torch
+    from transformers import GenerationConfig
+
+    out = tmp_path_factory.mktemp("bf16")
+    model = AutoModelForCausalLM.from_pretrained(base_model_dir, attention_dropout=0.3)
+    model.to(torch.bfloat16).save_pretrained(out)
+    GenerationConfig(repetition_penalty=1.5, top_p=0.5, do_sample=True).save_pretrained(out)
+    AutoTokenizer.from_pretrained(base_model_dir).save_pretrained(out)
+    return out
+
+
+def test_a_bf16_checkpoint_trains_in_fp32_without_dropout_or_weight_decay(
+    bf16_checkpoint: Path, reward_dir: Path
+) -> None:
+    import torch
+
+    from rlhf_tasks.ppo.trainer import _setup
+
+    assert json.loads((bf16_checkpoint / "config.json").read_text())["dtype"] == "bfloat16"
+    run = _setup(PpoSection(), bf16_checkpoint, reward_dir, None, None)
+    models = run.models
+    for model in (models.policy, models.ref_policy, models.scorer, models.critic):
+        assert {p.dtype for p in model.parameters()} == {torch.float32}
+    assert models.policy.config.attention_dropout == 0.0
+    assert all(
+        m.attention_dropout == 0.0
+        for m in models.policy.modules()
+        if hasattr(m, "attention_dropout")
+    )
+    for optimiser in (run.state.policy_opt, run.state.value_opt):
+        assert {g["weight_decay"] for g in optimiser.param_groups} == {0.0}
+    decayed = _setup(PpoSection(weight_decay=0.1), bf16_checkpoint, reward_dir, None, None)
+    groups = decayed.state.policy_opt.param_groups
+    assert [g["weight_decay"] for g in groups] == [0.1, 0.0]
+    assert all(p.ndim >= 2 for p in groups[0]["params"])  # no norm or bias is decayed
+    assert groups[1]["params"] and all(p.ndim == 1 for p in groups[1]["params"])
+
+
+def test_sampling_ignores_the_checkpoints_generation_config(bf16_checkpoint: Path) -> None:
+    from rlhf_tasks.ppo.rollout import generation_config
+
+    own = json.loads((bf16_checkpoint / "generation_config.json").read_text())
+    assert own["repetition_penalty"] == 1.5
+    config = generation_config(PpoSection(temperature=0.7, response_length=12), 1, 2)
+    assert (config.repetition_penalty, config.top_p, config.top_k, config.temperature) == (
+        1.0,
+        1.0,
+        0,
+        0.7,
+    )
+    assert (config.max_new_tokens, config.min_new_tokens, config.do_sample) == (12, 0, True)
+
+
+def test_sequence_logprobs_are_a_log_softmax_at_the_temperature(base_model_dir: Path) -> None:
+    import torch
+
+    from rlhf_tasks.ppo.rollout import sequence_logprobs
+
+    model = AutoModelForCausalLM.from_pretrained(base_model_dir).eval()
+    torch.manual_seed(0)
+    ids = torch.randint(5, 200, (2, 9))
+    attention = torch.ones_like(ids)
+    attention[1, :2] = 0  # the second prompt is left-padded
+    context_len, temp = 4, 0.7
+    got = sequence_logprobs(model, ids, attention, context_len, temp)
+
+    with torch.no_grad():
+        position_ids = (attention.cumsum(-1) - 1).clamp(min=0)
+        logits = model(input_ids=ids, attention_mask=attention, position_ids=position_ids).logits
+    naive = torch.log_softmax(logits / temp, dim=-1)
+    # Position t predicts token t + 1: the response tokens context_len ... end.
+    expected = naive[:, context_len - 1 : -1].gather(2, ids[:, context_len:, None]).squeeze(-1)
+    assert got.shape == (2, 5)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_the_rollout_takes_each_log_prob_from_its_own_model(
+    base_model_dir: Path, reward_dir: Path, demo_root: Path
+) -> None:
+    """Policy and reference differ here: the rollout's log-probs are the policy's, the
+    reference's the reference's, and the KL is their difference (not the other way round)."""
+    import contextlib
+
+    import torch
+
+    from rlhf_tasks.ppo.rollout import load_prompts, rollout, sequence_logprobs
+    from rlhf_tasks.ppo.trainer import _setup
+
+    cfg = PpoSection(rollout_batch_size=4, mini_batch_size=4, response_length=8)
+    run = _setup(cfg, base_model_dir, reward_dir, None, None)
+    models = run.models
+    with torch.no_grad():
+        for p in models.ref_policy.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    prompts, _ = load_prompts(demo_root / "data/prompts/rl.jsonl", models.tokenizer, cfg)
+    torch.manual_seed(0)
+    batch = rollout(models, prompts[:4], cfg, 0.1, lambda _: contextlib.nullcontext())
+
+    with torch.no_grad():
+        args = (batch.sequences, batch.attention, batch.context_len, cfg.temperature)
+        policy = sequence_logprobs(models.policy, *args)
+        reference = sequence_logprobs(models.ref_policy, *args)
+    torch.testing.assert_close(batch.logprobs, policy)
+    torch.testing.assert_close(batch.ref_logprobs, reference)
+    assert not torch.allclose(policy, reference)
+    torch.testing.assert_close(batch.kl, (policy - reference) * batch.mask)
