@@ -12,7 +12,10 @@ more than the params file:
   ``evaluate.judge`` when they name a model): a local directory must exist and hold a model;
   a hub id must be in the local Hugging Face cache when the hub is offline (``HF_HUB_OFFLINE``);
   a model that ships its own code is refused unless ``model.trust_remote_code``, and one whose
-  weights are only pickles (``pytorch_model.bin``, ``*.pt``) unless ``model.allow_pickle``.
+  weights are only pickles (``pytorch_model.bin``, ``*.pt``) unless ``model.allow_pickle``;
+- the evaluation's judge: ``gold`` only on the demo's prompts (it knows no others; the first
+  ``JUDGE_SAMPLE`` held-out prompts are read), and never the reward model the policy is
+  trained against (a policy that games it would win).
 
 Cheap: it reads file names and ``config.json``, never weights, and TRL arguments found valid
 are not built again until they, this code or the libraries change (``CHECKED_ARGS``), so an
@@ -48,6 +51,8 @@ TRL_CONFIGS = {
 # `rlhf run` whose stages are all cached needs otherwise), so arguments checked once are not
 # checked again until they, this code or those libraries change. The stages check them anyway.
 CHECKED_ARGS = Path("artifacts/cache/preflight.json")
+# Held-out prompts read to tell whether the data is the demo's (for evaluate.judge: gold).
+JUDGE_SAMPLE = 200
 
 
 def check(params: Params) -> None:
@@ -61,10 +66,11 @@ def check(params: Params) -> None:
             problems.append(str(exc))
         else:
             _remember(digest)
-    try:
-        _check_models(params)
-    except ConfigError as exc:
-        problems.append(str(exc))
+    for step in (_check_models, _check_judge):
+        try:
+            step(params)
+        except ConfigError as exc:
+            problems.append(str(exc))
     if problems:
         raise ConfigError("\n".join(problems))
 
@@ -153,3 +159,33 @@ def _check_models(params: Params) -> None:
             problems.append(str(exc))
     if problems:
         raise ConfigError("\n".join(problems))
+
+
+def _check_judge(params: Params) -> None:
+    judge = params.evaluate.judge
+    if judge == "gold":
+        from rlhf_tasks import data, demo
+
+        path = params.data.prompts_heldout
+        if not Path(path).exists():
+            return  # `rlhf data demo` writes it; the validate stage reports a missing file
+        first = next(
+            data.iter_chunks([path], "prompts", JUDGE_SAMPLE, reading=params.data.reading())
+        )
+        prompts = [p for p in first.frame["prompt"] if isinstance(p, str)]
+        unknown = sum(demo.topic_of(p) is None for p in prompts)
+        if prompts and unknown > 0.1 * len(prompts):
+            raise ConfigError(
+                f"evaluate.judge=gold is the demo task's judge, but {unknown} of the first "
+                f"{len(prompts)} prompts of data.prompts_heldout ({path}) are not demo prompts: "
+                "set evaluate.judge to the path of a reward model the policy is not trained "
+                "against (trained on other pairs, or an external one)"
+            )
+        return
+    trained = Path(STAGES["reward"].outputs["model"].path).resolve()
+    if params.policy.algorithm != "dpo" and Path(judge).resolve() == trained:
+        raise ConfigError(
+            f"evaluate.judge={judge!r} is the reward model the policy is trained against: a "
+            "policy that games it would win. Judge with a reward model trained on other pairs, "
+            "or an external one"
+        )

@@ -5,6 +5,7 @@ reads it."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 from pathlib import Path
@@ -200,6 +201,30 @@ def test_the_other_model_locations_are_checked_too(project: Path, key: str):
 
 def test_other_model_locations_that_hold_a_model_are_accepted(project: Path, base_model_dir: Path):
     _check(project, f"reward.init_from={base_model_dir}", f"evaluate.judge={base_model_dir}")
+
+
+# -- the evaluation's judge ------------------------------------------------------------------
+
+
+def test_the_gold_judge_is_refused_on_data_that_is_not_the_demos(project: Path):
+    _check(project)  # the demo's own held-out prompts: gold is its judge
+    other = project / "other_prompts.jsonl"
+    other.write_text(
+        "".join(json.dumps({"prompt": f"Explain tax law, part {i}."}) + "\n" for i in range(20))
+    )
+    with pytest.raises(
+        ConfigError, match=r"evaluate.judge=gold is the demo task's judge, but 20 of the first 20"
+    ):
+        _check(project, f"data.prompts_heldout={other.name}")
+
+
+def test_the_reward_model_the_policy_trains_against_is_no_judge(project: Path):
+    with pytest.raises(ConfigError, match="is the reward model the policy is trained against"):
+        _check(project, "evaluate.judge=artifacts/reward/model")
+    # DPO trains against no reward model: that one may judge it.
+    with pytest.raises(ConfigError) as exc:
+        _check(project, "evaluate.judge=artifacts/reward/model", "policy.algorithm=dpo")
+    assert "trained against" not in str(exc.value)
 
 
 # -- where the check runs: before anything else --------------------------------------------------
