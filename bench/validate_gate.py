@@ -26,6 +26,7 @@ from pathlib import Path
 
 from rlhf_tasks import demo
 from rlhf_tasks.config import load_params
+from rlhf_tasks.rows import TokenLimit, token_limit
 from rlhf_tasks.validate import Source, load_tokenizer, run_checks
 
 BIN = Path(sys.executable).parent
@@ -63,9 +64,13 @@ def throughput(sizes: list[int]) -> None:
         print("(no artifacts/base_model: length_tokens off; run `make demo` first to include it)")
     params = load_params("params.yaml", overrides)
     cfg = params.validate_config
-    tokenizer, max_tokens = (None, None)
+    tokenizer, limits = None, None
     if cfg.checks.length_tokens != "off":
-        tokenizer, max_tokens = load_tokenizer(params)
+        tokenizer, model_max = load_tokenizer(params)
+
+        def limits(kind: str, heldout: bool) -> TokenLimit:
+            return token_limit(params, kind, heldout, model_max)
+
     print(f"{'rows':>8} {'check s':>8} {'rows/s':>9}")
     for n in sizes:
         with tempfile.TemporaryDirectory() as tmp:
@@ -73,7 +78,7 @@ def throughput(sizes: list[int]) -> None:
             write_pairs(path, n=n)
             t0 = time.perf_counter()
             report = run_checks(
-                {"input": Source((str(path),), "preferences")}, cfg, tokenizer, max_tokens
+                {"input": Source((str(path),), "preferences")}, cfg, tokenizer, limits
             )
             t1 = time.perf_counter()
         assert report.valid, [c.detail for c in report.failed]

@@ -8,8 +8,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from rlhf_tasks.errors import DataError
+
+if TYPE_CHECKING:
+    from rlhf_tasks.config import Params
 
 
 @dataclass(frozen=True)
@@ -64,3 +68,42 @@ class RowCounts:
 def over(lengths: Iterable[int], limit: int | None) -> int:
     """How many of ``lengths`` exceed ``limit`` (None: no limit)."""
     return 0 if limit is None else sum(length > limit for length in lengths)
+
+
+@dataclass(frozen=True)
+class TokenLimit:
+    """The length limit a data set meets where it is used: its tokens (chat template applied),
+    the share of rows that may exceed it, and the setting that sets it (for messages)."""
+
+    tokens: int
+    allowed: float  # share of rows that may be over the limit (dropped or cut by the stage)
+    setting: str
+
+
+def token_limit(params: Params, kind: str, heldout: bool, model_max: int) -> TokenLimit:
+    """The limit the validation gate's ``length_tokens`` check applies to a data set of ``kind``:
+    the one the stage that reads it applies (this is the one place that says which), so that
+    data the gate passes trains as promised. ``validate.max_tokens``, when set, is the limit of
+    every data set, with no row allowed over it."""
+    cfg = params.validate_config
+    if cfg.max_tokens is not None:
+        return TokenLimit(cfg.max_tokens, 0.0, "validate.max_tokens")
+    if heldout:  # evaluated, scored and generated from: nothing may be over the model's length
+        return TokenLimit(model_max, 0.0, "the model's max length")
+    if kind == "preferences":
+        section, allowed = "reward", params.reward.max_dropped_fraction
+        if params.policy.algorithm == "dpo":
+            section, allowed = "dpo", min(allowed, params.dpo.max_dropped_fraction)
+        tokens = params.reward.args.get("max_length") or model_max
+        if section == "dpo":
+            tokens = min(tokens, params.dpo.args.get("max_length") or model_max)
+        return TokenLimit(tokens, allowed, f"{section}.args.max_length")
+    if kind == "sft":
+        tokens = params.sft.args.get("max_length") or model_max
+        return TokenLimit(tokens, params.sft.max_dropped_fraction, "sft.args.max_length")
+    ppo = params.ppo
+    allowed = 1.0 if ppo.truncate_prompts == "left" else ppo.max_dropped_fraction  # cut, kept
+    if ppo.max_prompt_length is not None:
+        return TokenLimit(ppo.max_prompt_length, allowed, "ppo.max_prompt_length")
+    tokens = max(1, model_max - ppo.response_length)
+    return TokenLimit(tokens, allowed, "the model's max length - ppo.response_length")

@@ -22,7 +22,10 @@ Checks, with their names in ``params.yaml`` (``validate.checks.<name>: error | w
     chosen_differs    chosen != rejected
     unique_pairs      no repeated (prompt, chosen, rejected); a repeat names the first
     length_chars      min_chars <= characters <= max_chars
-    length_tokens     prompt + response tokens <= max_tokens (default: the model's max length)
+    length_tokens     prompt + response tokens, as the chat template renders them, within the
+                      limit of the stage that reads the data set (rows.token_limit: e.g.
+                      reward.args.max_length for the training pairs), with at most the share
+                      of rows over it that the stage may drop (its max_dropped_fraction)
     utf8              valid UTF-8 (undecodable bytes show up as U+FFFD)
     control_chars     no control characters other than newline and tab
     min_rows          at least min_rows parseable rows
@@ -45,6 +48,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,7 +58,9 @@ import pandas as pd
 from rlhf_tasks.config import Params, ValidateConfig
 from rlhf_tasks.data import AUTO, Dataset, KeyIndex, Reading, iter_chunks, write_jsonl
 from rlhf_tasks.errors import ConfigError, DataError
+from rlhf_tasks.formats import prompt_messages
 from rlhf_tasks.locations import StageIO
+from rlhf_tasks.rows import TokenLimit, token_limit
 
 CONTROL_CHARS = "[\x00-\x08\x0b-\x1f\x7f-\x9f]"
 PAIR_KINDS = ("preferences",)
@@ -124,6 +130,25 @@ def _backend(tokenizer: Any) -> Any:
     return backend
 
 
+def _render(tokenizer: Any, prompts: pd.Series, responses: pd.Series | None) -> list[str]:
+    """Each row as the stages give it to the tokenizer: the chat template's rendering of the
+    prompt's messages and the response (or, for prompts alone, the generation prompt). A
+    tokenizer without a chat template gets the plain text (the stages refuse it later)."""
+    if not getattr(tokenizer, "chat_template", None):
+        if responses is None:
+            return [p or "" for p in prompts]
+        return [f"{p or ''} {r}".strip() for p, r in zip(prompts, responses, strict=True)]
+    chats = []
+    for i, prompt in enumerate(prompts):
+        messages = prompt_messages(prompt) if prompt is not None else []
+        if responses is not None:
+            messages.append({"role": "assistant", "content": responses.iloc[i]})
+        chats.append(messages)
+    return tokenizer.apply_chat_template(
+        chats, tokenize=False, add_generation_prompt=responses is None
+    )
+
+
 def _add_helper_columns(
     ds: Dataset,
     tokenizer: Any,
@@ -139,16 +164,19 @@ def _add_helper_columns(
     frame["_complete"] = frame["_parsed"] & frame["_missing"].isna()
     complete = frame.index[frame["_complete"]]
     if tokenizer is not None:
-        # Tokens of prompt + response, as the trainers will see them (special tokens included).
+        # Tokens of prompt + response as the trainers see them: rendered by the chat template
+        # (its special tokens included), a multi-turn prompt as its turns.
         text = frame.loc[complete, list(ds.text_columns)]
-        text = text[text.map(lambda v: isinstance(v, str)).all(axis=1)]
+        text = text[text.map(lambda v: isinstance(v, str) or v is None).all(axis=1)]
         for response in _responses(ds) or (None,):
-            joined = text["prompt"] if response is None else text["prompt"] + " " + text[response]
             counts = pd.Series(None, index=frame.index, dtype=object)
-            if len(joined):
+            if len(text):
+                rendered = _render(
+                    tokenizer, text["prompt"], None if response is None else text[response]
+                )
                 # The backend tokenizer: only the lengths are needed, not Python lists of ids.
-                encodings = _backend(tokenizer).encode_batch(joined.str.rstrip().tolist())
-                counts.loc[joined.index] = [len(e.ids) for e in encodings]
+                encodings = _backend(tokenizer).encode_batch(rendered, add_special_tokens=False)
+                counts.loc[text.index] = [len(e.ids) for e in encodings]
             frame[f"_tokens_{response or 'prompt'}"] = counts
     if heldout_prompts is not None:
         frame["_heldout_prompt"] = [
@@ -183,7 +211,7 @@ def _add_helper_columns(
 
 
 def _expectations(
-    ds: Dataset, frame: pd.DataFrame, cfg: ValidateConfig, max_tokens: int | None
+    ds: Dataset, frame: pd.DataFrame, cfg: ValidateConfig, limit: TokenLimit | None
 ) -> list[tuple[str, str | None, Any]]:
     """(check name, column, expectation) for the rows of one data set, skipping checks set to
     ``off``; the checks of the data set as a whole are in ``_summary_expectations``."""
@@ -228,12 +256,14 @@ def _expectations(
             col,
             E.ExpectColumnValuesToNotMatchRegex(**ONLY_COMPLETE, column=col, regex=CONTROL_CHARS),
         )
-    for col in [c for c in frame.columns if c.startswith("_tokens_")]:
+    for col in [c for c in frame.columns if c.startswith("_tokens_") and limit is not None]:
+        # Fails when more rows are over the limit than the stage that reads them may lose.
+        mostly = {"mostly": 1.0 - limit.allowed} if limit.allowed else {}
         add(
             "length_tokens",
             col,
             E.ExpectColumnValuesToBeBetween(
-                **ONLY_COMPLETE, column=col, min_value=1, max_value=max_tokens
+                **ONLY_COMPLETE, column=col, min_value=1, max_value=limit.tokens, **mostly
             ),
         )
     if "_heldout_prompt" in frame.columns:
@@ -301,8 +331,22 @@ def _short(value: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def _describe_length(column: str | None, limit: TokenLimit | None) -> str:
+    part = (column or "").removeprefix("_tokens_")
+    what = "the prompt" if part == "prompt" else f"prompt + {part}"
+    if limit is None:
+        return f"rows where {what} exceeds the token limit"
+    allowed = f" (allowed: {limit.allowed:.0%} of rows)" if limit.allowed else ""
+    return f"rows where {what} is over {limit.setting} = {limit.tokens} tokens{allowed}"
+
+
 def _describe(
-    check: str, column: str | None, count: int, observed: Any, cfg: ValidateConfig
+    check: str,
+    column: str | None,
+    count: int,
+    observed: Any,
+    cfg: ValidateConfig,
+    limit: TokenLimit | None = None,
 ) -> str:
     if check == "min_rows":
         return f"{observed} rows, need at least {cfg.min_rows}"
@@ -319,8 +363,7 @@ def _describe(
         "not_empty": f"rows where {column!r} is null, empty or whitespace",
         "length_chars": f"rows where {column!r} has fewer than {cfg.min_chars} or more than "
         f"{cfg.max_chars} characters",
-        "length_tokens": f"rows where prompt + {column.removeprefix('_tokens_') if column else ''} "
-        "exceeds the token limit",
+        "length_tokens": _describe_length(column, limit),
         "utf8": f"rows where {column!r} is not valid UTF-8",
         "control_chars": f"rows where {column!r} holds control characters",
         "heldout_overlap": "rows whose prompt is also a held-out prompt",
@@ -383,7 +426,7 @@ def run_checks(
     sources: dict[str, Source],
     cfg: ValidateConfig,
     tokenizer: Any = None,
-    max_tokens: int | None = None,
+    limits: Callable[[str, bool], TokenLimit] | None = None,
     docs_dir: Path | None = None,
     data_dir: Path | None = None,
 ) -> Report:
@@ -445,14 +488,15 @@ def run_checks(
         formats: set[str] = set()
         plan: list[tuple[str, str | None, Any]] = []
         items: list[CheckResult] = []
-        definition = None
+        definition, limit = None, None
         for chunk in iter_chunks(
             src.paths, src.kind, cfg.chunk_rows, reading=src.reading, heldout=src.heldout
         ):
             file_ids = {str(f): i for i, f in enumerate(chunk.files)}
             frame = _add_helper_columns(chunk, tokenizer, overlap, seen, file_ids)
             if definition is None:  # the same columns, so the same suite, for every chunk
-                plan = _expectations(chunk, frame, cfg, max_tokens)
+                limit = limits(chunk.kind, src.heldout) if limits is not None else None
+                plan = _expectations(chunk, frame, cfg, limit)
                 items = [CheckResult(name, c, severity[c], True, col) for c, col, _ in plan]
                 definition = validation(name, plan)
                 kind, files = chunk.kind, chunk.files
@@ -490,9 +534,12 @@ def run_checks(
                 item.examples = []
             items += whole_items
         for item in items:
+            if item.check == "length_tokens" and item.success and item.unexpected:
+                # Within what the stage may drop: passed, but worth a warning.
+                item.success, item.severity = False, "warn"
             if not item.success and not item.detail:
                 item.detail = _describe(
-                    item.check, item.column, item.unexpected, item.observed, cfg
+                    item.check, item.column, item.unexpected, item.observed, cfg, limit
                 )
         checks += items
         summaries[name] = {
@@ -599,12 +646,16 @@ def validate(
             sources["heldout" if i == 0 else f"heldout_{i + 1}"] = Source((path,), None, True, how)
     else:
         sources = default_sources(params)
-    tokenizer, max_tokens = (None, None)
+    tokenizer, limits = None, None
     if cfg.checks.length_tokens != "off":
-        tokenizer, max_tokens = load_tokenizer(params)
+        tokenizer, model_max = load_tokenizer(params)
+
+        def limits(kind: str, heldout: bool) -> TokenLimit:
+            return token_limit(params, kind, heldout, model_max)
+
     docs_dir, data_dir = out_dir / "data_docs", out_dir / "data"
     shutil.rmtree(docs_dir, ignore_errors=True)
-    report = run_checks(sources, cfg, tokenizer, max_tokens, docs_dir=docs_dir, data_dir=data_dir)
+    report = run_checks(sources, cfg, tokenizer, limits, docs_dir=docs_dir, data_dir=data_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     report_path = out_dir / "report.json"
     report_path.write_text(json.dumps(report.to_dict(), indent=2, sort_keys=True) + "\n")

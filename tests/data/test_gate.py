@@ -236,13 +236,47 @@ def test_length_chars_over_max_chars(project, rlhf):
     assert found["FAIL length_chars"] == ["bad.jsonl:4"]
 
 
-def test_length_tokens_over_model_max_length(project, rlhf):
+def test_length_tokens_over_the_limit_of_the_stage_that_trains_on_them(project, rlhf):
     rows = base_rows()
-    rows[5]["chosen"] = "word " * 200  # 1000 characters (< max_chars), well over 128 tokens
-    write_jsonl("bad.jsonl", rows)
+    long = "word " * 200  # 1000 characters (< max_chars), well over 128 tokens
+    rows[5]["chosen"] = long
+    write_jsonl("few.jsonl", rows)
 
+    # One pair of 120 over reward.args.max_length: within the 5% the reward stage may drop.
+    code, out, _ = rlhf("validate", "few.jsonl")
+    assert code == 0, out
+    assert (
+        "WARN length_tokens: 1 rows where prompt + chosen is over reward.args.max_length = 128 "
+        "tokens (allowed: 5% of rows)"
+    ) in out
+
+    for i in range(6, 13):  # 8 of 120 (6.7%): more than the stage may lose
+        rows[i]["chosen"] = long
+    write_jsonl("bad.jsonl", rows)
     found = assert_fails(rlhf("validate", "bad.jsonl"), "length_tokens", "bad.jsonl:6")
-    assert found["FAIL length_tokens"] == ["bad.jsonl:6"]
+    assert found["FAIL length_tokens"][0] == "bad.jsonl:6"
+    # The limit is the stage's own: raise it there and the same pairs pass without a word.
+    code, out, _ = rlhf("validate", "bad.jsonl", "-S", "reward.args.max_length=1024")
+    assert code == 0 and "length_tokens" not in out, out
+
+
+def test_length_tokens_counts_the_chat_template(project, rlhf, base_model_dir):
+    """The template adds tokens around each turn: a pair that fits as plain text may not."""
+    from rlhf_tasks.models import load_tokenizer
+
+    tokenizer = load_tokenizer(str(base_model_dir), False, "model")
+    rows = base_rows()
+    pair = rows[0]
+    plain = len(tokenizer(f"{pair['prompt']} {pair['chosen']}", add_special_tokens=False)["input_ids"])
+    chat = [{"role": "user", "content": pair["prompt"]}, {"role": "assistant", "content": pair["chosen"]}]
+    templated = len(tokenizer.apply_chat_template(chat, return_dict=True)["input_ids"])
+    assert templated > plain
+    write_jsonl("pairs.jsonl", [pair] * 1)
+    code, out, _ = rlhf(
+        "validate", "pairs.jsonl", "-S", f"validate.max_tokens={templated - 1}", "-S", "validate.min_rows=1",
+        "-S", "validate.checks.unique_pairs=off",
+    )
+    assert code == 1 and "length_tokens" in out, out
 
 
 def test_utf8_invalid_bytes(project, rlhf):

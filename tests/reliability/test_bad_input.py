@@ -50,12 +50,13 @@ def _jsonl(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
-def _planted(name: str, index: int, **change) -> Callable[[Path, list[dict]], str]:
-    """Good rows with row ``index`` (0-based, so line index + 1) changed."""
+def _planted(name: str, index: int, *more: int, **change) -> Callable[[Path, list[dict]], str]:
+    """Good rows with row ``index`` (0-based, so line index + 1), and rows ``more``, changed."""
 
     def write(project: Path, rows: list[dict]) -> str:
         rows = [dict(r) for r in rows]
-        rows[index] |= change
+        for i in (index, *more):
+            rows[i] |= change
         _jsonl(project / "bad" / name, rows)
         return f"bad/{name}"
 
@@ -177,8 +178,11 @@ CASES = {
     "whitespace-only string": Case(
         _planted("whitespace.jsonl", 8, prompt=" \n\t "), "not_empty", 9
     ),
-    "prompt over the model's max length": Case(
-        _planted("long.jsonl", 10, prompt="Tell me about dogs. " * 60), "length_tokens", 11
+    # 7 of 120 pairs (5.8%) over reward.args.max_length: more than the reward stage may drop.
+    "pairs over the reward model's max length": Case(
+        _planted("long.jsonl", 10, *range(50, 56), prompt="Tell me about dogs. " * 60),
+        "length_tokens",
+        11,
     ),
     "CSV with broken quoting": Case(_broken_csv, "parseable", 22, "quoting"),
     "Parquet with the wrong schema": Case(
