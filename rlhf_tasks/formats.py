@@ -126,6 +126,10 @@ def messages(value: Any, where: str) -> list[Message]:
         value = [value]
     if not isinstance(value, list) or not value:
         raise FormatError(f"{where!r} must be a non-empty list of messages")
+    if not all(isinstance(msg, dict) for msg in value):
+        raise FormatError(
+            f"{where!r} is a list but not of messages ({{role, content}} or {{from, value}})"
+        )
     out = []
     for i, msg in enumerate(value):
         if not isinstance(msg, dict):

@@ -37,6 +37,11 @@ NEW_ROW_BASE = 2**62  # where the batch's rows are numbered from, after any trai
 class IngestRejected(validate.ValidationFailed):
     """The batch, or the training set it would make, failed the validation gate."""
 
+    def __repr__(self) -> str:
+        # Prefect logs a failed task's result by its repr: the verdict's first line, not the
+        # whole report that the message (str) carries and the CLI prints once.
+        return f"{type(self).__name__}({str(self).splitlines()[0]!r})"
+
 
 def _gate(params: Params, paths: list[str], out_dir: Path, what: str) -> None:
     heldout = [params.data.preferences_heldout, params.data.prompts_heldout]

@@ -71,10 +71,15 @@ def fresh_clone(dest: Path) -> Path:
     return dest
 
 
-def make_project(dest: Path, base_model_dir: Path, demo_root: Path) -> Path:
+def make_project(
+    dest: Path, base_model_dir: Path, demo_root: Path, mlflow_db: Path | None = None
+) -> Path:
     """A project directory in ``dest``: the repo's params.yaml (pointing at the tiny base
-    model), its dvc.yaml and the demo data."""
+    model), its dvc.yaml and the demo data; with ``mlflow_db``, a copy of that empty MLflow
+    store as the project's own (creating one takes seconds of schema migrations)."""
     shutil.copytree(demo_root / "data", dest / "data")
+    if mlflow_db is not None:
+        shutil.copy(mlflow_db, dest / "mlflow.db")
     shutil.copy(ROOT / "dvc.yaml", dest)  # the stages' params sections and deps
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["model"]["name_or_path"] = str(base_model_dir)

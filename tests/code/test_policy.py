@@ -75,7 +75,11 @@ def test_each_algorithm_trains_the_sft_model_into_a_policy(upstream: Path, algor
     # The final metrics are the last update's row of the history, under the same names (not
     # the update, episode or learning-rate bookkeeping).
     last = {k: v for k, v in history[-1].items() if "/" in k}
+    rows = {k: metrics.pop(k) for k in list(metrics) if "/rows_" in k or "/prompts_" in k}
     assert last and metrics == pytest.approx(last, abs=1e-6, nan_ok=True)
+    # And what the stage did with its rows: 16 prompts (DPO: 16 pairs), none lost.
+    assert rows["policy/rows_read"] == rows["policy/rows_kept"] == 16
+    assert rows["policy/rows_dropped"] == rows["policy/rows_truncated"] == 0
     if algorithm != "dpo":  # the online algorithms log the reward model's score like PPO does
         assert "objective/scores" in metrics
 

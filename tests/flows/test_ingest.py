@@ -77,7 +77,8 @@ def test_a_good_batch_becomes_a_new_data_version(clone: Path) -> None:
     md5, remote = _md5(clone), _remote_files(clone)
     proc = sh(BIN / "rlhf", "ingest", good, cwd=clone, code=clone)
     assert "5 new pair(s), 1 already in the data" in proc.stdout, proc.stdout
-    assert f"the batch {good}: Validation gate PASSED" in proc.stdout, proc.stdout
+    # The gate's verdict, in Prefect's log (the task's prints) and so on the console.
+    assert f"the batch {good}: Validation gate PASSED" in proc.stderr, proc.stderr
     after = (clone / "data/preferences/train.jsonl").read_text().splitlines()
     assert after[: len(existing)] == existing and len(after) == len(existing) + 5
     assert _md5(clone) != md5

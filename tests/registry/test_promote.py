@@ -254,7 +254,8 @@ def test_register_and_promote_against_an_mlflow_server(trained: Path, mlflow_ser
     assert str(c.get_model_version_by_alias(POLICY, "champion").version) == "1"
     assert c.get_model_version(POLICY, "2").tags["rlhf.promotion"] == "rejected"
     # Nothing went to the embedded store; the server's artifact root holds the models.
-    assert not (trained / "mlflow.db").exists()
+    embedded = MlflowClient(tracking_uri=f"sqlite:///{trained / 'mlflow.db'}")
+    assert [e.name for e in embedded.search_experiments()] == ["Default"]
     assert any((mlflow_server / "artifacts").rglob("model.safetensors"))
     code, out, _ = rlhf("lineage", f"{POLICY}/1")
     assert code == 0 and data_md5() in out

@@ -186,7 +186,7 @@ CASES = {
     ),
     "CSV with broken quoting": Case(_broken_csv, "parseable", 22, "quoting"),
     "Parquet with the wrong schema": Case(
-        _parquet_wrong_schema, "required_columns", 1, "has no prompt"
+        _parquet_wrong_schema, "parseable", 1, "matches no known format (keys: answer, question)"
     ),
     "Parquet with the wrong types": Case(_parquet_wrong_types, "string_types", 1),
     "leakage between splits": Case(_leakage, "heldout_overlap", 4),

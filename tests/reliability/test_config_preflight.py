@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from helpers import BIN, env
+from mlflow import MlflowClient
 from trl import DPOConfig, SFTConfig
 
 from rlhf_tasks import preflight
@@ -26,8 +27,9 @@ def _check(project: Path, *overrides: str) -> None:
 
 def _nothing_ran(project: Path) -> None:
     assert not (project / "artifacts").exists()
-    assert not (project / "mlflow.db").exists()
     assert not (project / "mlruns").exists()
+    store = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")  # the empty store
+    assert [e.name for e in store.search_experiments()] == ["Default"]
 
 
 # -- TRL's arguments, for every training stage of the run ----------------------------------------
