@@ -19,6 +19,13 @@ class DataError(UserError):
     exit_code = 1
 
 
+class TrainingFailed(UserError):
+    """A stage trained, but what it made is unusable (exit code 1): nothing of it is recorded
+    or registered, and the message says what to change."""
+
+    exit_code = 1
+
+
 class BusyError(UserError):
     """Another run holds the project (exit code 3): ``rlhf run`` and ``rlhf ingest`` take turns."""
 

@@ -26,11 +26,12 @@ assistant message, rendered by the tokenizer's chat template.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
 from rlhf_tasks.config import ModelConfig, Params
-from rlhf_tasks.errors import ConfigError
+from rlhf_tasks.errors import ConfigError, TrainingFailed
 from rlhf_tasks.formats import prompt_messages
 from rlhf_tasks.locations import StageIO
 from rlhf_tasks.models import load_tokenizer, model_kwargs
@@ -161,17 +162,40 @@ def score(
     return scores
 
 
+# A reward model whose held-out scores all lie within this of each other scores every response
+# the same: its Bradley-Terry loss is ln 2 and a policy has nothing to follow.
+CONSTANT_SPREAD = 1e-4
+
+
 def evaluate(model: Any, tokenizer: Any, rows: list[dict[str, Any]], batch_size: int) -> dict:
-    """Held-out accuracy (share of pairs where score(chosen) > score(rejected)) and mean margin."""
+    """Held-out accuracy (share of pairs where score(chosen) > score(rejected)), mean margin,
+    Bradley-Terry loss (mean ``-log sigmoid(margin)``; ln 2 = 0.693 for a constant scorer) and
+    the spread of all the scores (max - min)."""
     prompts = [row["prompt"] for row in rows]
     chosen = score(model, tokenizer, prompts, [row["chosen"] for row in rows], batch_size)
     rejected = score(model, tokenizer, prompts, [row["rejected"] for row in rows], batch_size)
     margins = [c - r for c, r in zip(chosen, rejected, strict=True)]
+    # -log sigmoid(m) = log(1 + e^-m), written to stay finite for large |m|.
+    loss = [max(-m, 0.0) + math.log1p(math.exp(-abs(m))) for m in margins]
     return {
         "accuracy": sum(m > 0 for m in margins) / len(margins),
         "mean_margin": sum(margins) / len(margins),
+        "loss": sum(loss) / len(loss),
+        "spread": max(chosen + rejected) - min(chosen + rejected),
         "pairs": len(margins),
     }
+
+
+def check_not_constant(held: dict[str, Any]) -> None:
+    """Fail the stage when the reward model scores every held-out response the same."""
+    if held["spread"] < CONSTANT_SPREAD:
+        raise TrainingFailed(
+            f"reward: the reward model gives every held-out response the same score (spread "
+            f"{held['spread']:.2g}, held-out loss {held['loss']:.4f} = ln 2): it learned nothing "
+            "a policy could follow, and nothing of it is registered. Check reward.args."
+            "learning_rate (too high collapses the score head), that chosen and rejected "
+            "differ in the data, or train longer"
+        )
 
 
 def run(params: Params, io: StageIO) -> dict[str, Any]:
@@ -202,12 +226,14 @@ def run(params: Params, io: StageIO) -> dict[str, Any]:
     model_dir = io.outputs["model"]
     model, tokenizer = load_reward_model(model_dir, params.model)
     held = evaluate(model, tokenizer, heldout, cfg.eval_batch_size)
+    check_not_constant(held)
     state = trainer.state
     # train_loss: the mean over the steps of this call (after a resume, the resumed steps only);
     # train_accuracy: over the last logging window.
     metrics = {
         "reward_model/accuracy": round(held["accuracy"], 6),
         "reward_model/mean_margin": round(held["mean_margin"], 6),
+        "reward_model/heldout_loss": round(held["loss"], 6),
         "reward_model/heldout_pairs": held["pairs"],
         "reward_model/train_loss": round(result.training_loss, 6),
         "reward_model/train_accuracy": last_logged(state.log_history, "accuracy"),

@@ -172,3 +172,26 @@ def test_lora_reward_model_is_merged_with_its_trained_head(
     assert not torch.allclose(
         merged.model.layers[0].self_attn.q_proj.weight, base.model.layers[0].self_attn.q_proj.weight
     )
+
+
+@pytest.mark.slow
+def test_a_reward_model_that_scores_everything_the_same_fails_the_stage(
+    project: Path, base_model_dir: Path
+):
+    from rlhf_tasks.errors import TrainingFailed
+
+    model, tokenizer = reward.load_reward_model(base_model_dir)  # a random head: it varies
+    rows = [
+        {"prompt": "Tell me about dogs.", "chosen": "Dogs are loyal.", "rejected": "No."},
+        {"prompt": "Tell me about rain.", "chosen": "Rain falls from clouds.", "rejected": "?"},
+    ]
+    varied = reward.evaluate(model, tokenizer, rows, batch_size=2)
+    reward.check_not_constant(varied)
+    assert varied["spread"] > 0 and varied["loss"] != pytest.approx(0.693147, abs=1e-6)
+
+    with torch.no_grad():
+        model.score.weight.zero_()  # the score no longer depends on the input
+    constant = reward.evaluate(model, tokenizer, rows, batch_size=2)
+    assert constant["loss"] == pytest.approx(0.693147, abs=1e-6)  # ln 2
+    with pytest.raises(TrainingFailed, match=r"gives every held-out response the same score"):
+        reward.check_not_constant(constant)
