@@ -42,9 +42,9 @@ demo: setup
 	$(BIN)/rlhf run
 	$(BIN)/rlhf models
 
-# The whole suite (about 15 minutes on 2 idle cores, 3.5 of them the demo run that tests/model,
-# tests/registry and the DVC and security tests share); it ends with the 15 slowest tests and
-# the total time.
+# The whole suite (15 to 21 minutes on 2 idle cores, as this VM's speed varies; 3.5 to 4.5 of
+# them the demo run that tests/model, tests/registry and the DVC and security tests share); it
+# ends with the 15 slowest tests and the total time.
 test: setup
 	@start=$$(date +%s); status=0; \
 	$(BIN)/python -m pytest -q --durations=15 || status=$$?; \
