@@ -272,6 +272,9 @@ class PpoSection(_Section):
     total_episodes: int = Field(3072, gt=0)  # prompts answered over the run
     rollout_batch_size: int = Field(64, gt=0)  # prompts per update
     mini_batch_size: int = Field(16, gt=0)
+    # Episodes per forward/backward within a minibatch (gradients accumulated, weighted by
+    # tokens): bounds memory for long sequences and large vocabularies; null: the minibatch.
+    micro_batch_size: int | None = Field(None, gt=0)
     ppo_epochs: int = Field(4, gt=0)
     learning_rate: float = Field(1e-4, ge=0)  # policy; linear decay to 0 over the run
     value_learning_rate: float = Field(1e-4, ge=0)

@@ -256,31 +256,55 @@ def ppo_epochs(run: _Run, batch: Rollout, cfg: PpoSection) -> dict[str, list[flo
     # mini_batch_size counts the episodes of one optimiser step over all processes: each
     # process takes its share (config checks that the process count divides it).
     per_process = cfg.mini_batch_size // accelerator.num_processes
+    # Each minibatch goes forward and backward in micro-batches of at most micro_batch_size
+    # episodes (bounded memory: one forward holds (batch, length, vocabulary) logits), each
+    # micro-batch's token means weighted by its share of the minibatch's real tokens, so that the
+    # accumulated gradient is the minibatch's own; one optimiser step per minibatch.
+    micro = min(cfg.micro_batch_size or per_process, per_process)
+    names = ("pg", "vf", "approxkl", "clip", "vclip", "ratio")
     for _ in range(cfg.ppo_epochs):
         for idx in torch.randperm(len(batch.sequences)).split(per_process):
-            seq, att, m = batch.sequences[idx], batch.attention[idx], batch.mask[idx]
-            new_logprobs = sequence_logprobs(policy, seq, att, context_len, cfg.temperature)
-            pg = policy_loss(
-                new_logprobs, batch.logprobs[idx], batch.advantages[idx], m, cfg.cliprange
-            )
-            new_values = critic(seq, att)[:, context_len - 1 : -1]
-            vf, vclip = value_loss(
-                new_values, batch.values[idx], batch.returns[idx], m, cfg.cliprange_value
-            )
-            accelerator.backward(pg.loss + cfg.vf_coef * vf)
+            tokens = batch.mask[idx].sum()
+            parts = idx.split(micro)
+            totals = dict.fromkeys(names, 0.0)
+            for i, part in enumerate(parts):
+                seq, att, m = batch.sequences[part], batch.attention[part], batch.mask[part]
+                weight = m.sum() / tokens
+                new_logprobs = sequence_logprobs(policy, seq, att, context_len, cfg.temperature)
+                pg = policy_loss(
+                    new_logprobs, batch.logprobs[part], batch.advantages[part], m, cfg.cliprange
+                )
+                new_values = critic(seq, att)[:, context_len - 1 : -1]
+                vf, vclip = value_loss(
+                    new_values, batch.values[part], batch.returns[part], m, cfg.cliprange_value
+                )
+                last = i == len(parts) - 1
+                # Under DDP, gradients are synchronised once, on the minibatch's last backward.
+                with _no_sync(accelerator, (policy, critic), skip=last):
+                    accelerator.backward(weight * (pg.loss + cfg.vf_coef * vf))
+                for key, value in zip(
+                    names, (pg.loss, vf, pg.approxkl, pg.clipfrac, vclip, pg.ratio), strict=True
+                ):
+                    totals[key] += (weight * value).item()
             accelerator.clip_grad_norm_(run.trainable, cfg.max_grad_norm)
             accelerator.clip_grad_norm_(critic.parameters(), cfg.max_grad_norm)
             state.policy_opt.step()
             state.value_opt.step()
             state.policy_opt.zero_grad()
             state.value_opt.zero_grad()
-            for key, value in zip(
-                ("pg", "vf", "approxkl", "clip", "vclip", "ratio"),
-                (pg.loss, vf, pg.approxkl, pg.clipfrac, vclip, pg.ratio),
-                strict=True,
-            ):
-                stats[key].append(value.item())
+            for key in names:
+                stats[key].append(totals[key])
     return stats
+
+
+@contextlib.contextmanager
+def _no_sync(accelerator: Any, models: tuple[Any, ...], skip: bool) -> Iterator[None]:
+    """``accelerator.no_sync`` of every model, unless ``skip``."""
+    with contextlib.ExitStack() as stack:
+        if not skip:
+            for model in models:
+                stack.enter_context(accelerator.no_sync(model))
+        yield
 
 
 def _metrics_row(

@@ -273,3 +273,39 @@ def test_the_rollout_takes_each_log_prob_from_its_own_model(
     torch.testing.assert_close(batch.ref_logprobs, reference)
     assert not torch.allclose(policy, reference)
     torch.testing.assert_close(batch.kl, (policy - reference) * batch.mask)
+
+
+def test_micro_batches_accumulate_the_gradient_of_the_whole_minibatch(
+    base_model_dir: Path, reward_dir: Path, demo_root: Path
+) -> None:
+    import contextlib
+
+    import torch
+
+    from rlhf_tasks.ppo.rollout import load_prompts, rollout
+    from rlhf_tasks.ppo.trainer import _setup, ppo_epochs
+
+    cfg = PpoSection(rollout_batch_size=4, mini_batch_size=4, ppo_epochs=1, response_length=8)
+    run = _setup(cfg, base_model_dir, reward_dir, None, None)
+    prompts, _ = load_prompts(demo_root / "data/prompts/rl.jsonl", run.models.tokenizer, cfg)
+    torch.manual_seed(0)
+    batch = rollout(run.models, prompts[:4], cfg, 0.1, lambda _: contextlib.nullcontext())
+    critic = list(run.models.critic.parameters())
+
+    def gradients(micro: int | None) -> tuple[list[torch.Tensor], dict]:
+        """The clipped gradients of the one minibatch step (the step itself left out, so that
+        both runs start from the same weights), and the step's statistics."""
+        seen: list[torch.Tensor] = []
+        run.state.policy_opt.step = lambda: seen.extend(p.grad.clone() for p in run.trainable)
+        run.state.value_opt.step = lambda: seen.extend(p.grad.clone() for p in critic)
+        torch.manual_seed(1)
+        stats = ppo_epochs(run, batch, cfg.model_copy(update={"micro_batch_size": micro}))
+        return seen, stats
+
+    whole, whole_stats = gradients(None)
+    parts, parts_stats = gradients(1)  # four micro-batches of one episode each
+    assert len(whole) == len(parts) > 0
+    for a, b in zip(whole, parts, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+    for key, values in whole_stats.items():
+        assert parts_stats[key] == pytest.approx(values, rel=1e-5, abs=1e-7), key
