@@ -50,6 +50,7 @@ def test_sft_and_ppo_in_two_processes(project: Path, validated, base_model_dir: 
             "ppo.total_episodes=16",
             "ppo.rollout_batch_size=8",
             "ppo.mini_batch_size=4",
+            "ppo.micro_batch_size=1",  # accumulation under DDP: gradients synchronised once
             "ppo.ppo_epochs=1",
             "ppo.response_length=8",
         ],
