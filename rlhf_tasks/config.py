@@ -27,6 +27,7 @@ from pydantic import (
 )
 
 from rlhf_tasks.errors import ConfigError
+from rlhf_tasks.formats import FIELDS, FORMAT_NAMES, Reading
 
 DEFAULT_PARAMS = Path("params.yaml")
 
@@ -71,8 +72,6 @@ class DataConfig(_Section):
     @field_validator("format")
     @classmethod
     def _known_format(cls, value: str) -> str:
-        from rlhf_tasks.formats import FORMAT_NAMES
-
         if value not in FORMAT_NAMES:
             raise ValueError(f"unknown format {value!r}; expected one of {', '.join(FORMAT_NAMES)}")
         return value
@@ -80,8 +79,6 @@ class DataConfig(_Section):
     @field_validator("columns")
     @classmethod
     def _known_fields(cls, value: dict[str, str]) -> dict[str, str]:
-        from rlhf_tasks.formats import FIELDS
-
         unknown = sorted(set(value) - set(FIELDS))
         if unknown:
             raise ValueError(
@@ -96,10 +93,8 @@ class DataConfig(_Section):
             role: getattr(self, role) for role in type(self).model_fields if role not in NOT_ROLES
         }
 
-    def reading(self) -> Any:
+    def reading(self) -> Reading:
         """How the data sets' records are read."""
-        from rlhf_tasks.formats import Reading
-
         return Reading(self.format, dict(self.columns))
 
 

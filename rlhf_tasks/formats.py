@@ -132,10 +132,6 @@ def messages(value: Any, where: str) -> list[Message]:
         )
     out = []
     for i, msg in enumerate(value):
-        if not isinstance(msg, dict):
-            raise FormatError(
-                f"{where!r}[{i}] is not a message ({{role, content}} or {{from, value}})"
-            )
         if "role" in msg and "content" in msg:
             role, content = msg["role"], msg["content"]
         elif "from" in msg and "value" in msg:
@@ -197,6 +193,15 @@ def _with_system(system: Any, turns: list[Message]) -> list[Message]:
     if not isinstance(system, str):
         raise FormatError("'system' must be text")
     return [{"role": "system", "content": system}, *turns]
+
+
+def _prompt(prompt: Any, system: Any) -> Any:
+    """A TRL-style prompt (text or messages) with an optional system message, normalised."""
+    if isinstance(prompt, list):
+        return render(_with_system(system, messages(prompt, "prompt")))
+    if prompt is not None and system:
+        return render(_with_system(system, [{"role": "user", "content": prompt}]))
+    return prompt
 
 
 def _optional(record: dict[str, Any]) -> dict[str, Any]:
@@ -294,15 +299,11 @@ def _conversational_pair(record: dict[str, Any], kind: str) -> dict[str, Any]:
         prompt, chosen, rejected = chosen[:shared], chosen[shared:], rejected[shared:]
         if not prompt:
             raise FormatError("'chosen' and 'rejected' share no leading prompt message")
-    if isinstance(prompt, list):
-        prompt = render(_with_system(record.get("system"), messages(prompt, "prompt")))
-    elif record.get("system"):
-        prompt = render(_with_system(record["system"], [{"role": "user", "content": prompt}]))
     return (
         _optional(record)
         | _score_margin(record)
         | {
-            "prompt": prompt,
+            "prompt": _prompt(prompt, record.get("system")),
             "chosen": _final_assistant(chosen, "chosen"),
             "rejected": _final_assistant(rejected, "rejected"),
         }
@@ -338,13 +339,8 @@ def _conversational(record: dict[str, Any], kind: str) -> dict[str, Any]:
         out["completion"] = _final_assistant(turns, "messages")
         out["prompt"] = render(turns[:-1]) if len(turns) > 1 else None
         return out
-    prompt = record.get("prompt")
-    if isinstance(prompt, list):
-        prompt = render(_with_system(record.get("system"), messages(prompt, "prompt")))
-    elif prompt is not None and record.get("system"):
-        prompt = render(_with_system(record["system"], [{"role": "user", "content": prompt}]))
     if "prompt" in record:
-        out["prompt"] = prompt
+        out["prompt"] = _prompt(record["prompt"], record.get("system"))
     if kind == "sft" and "completion" in record:
         completion = record["completion"]
         if isinstance(completion, list | dict):

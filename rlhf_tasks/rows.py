@@ -91,13 +91,16 @@ def token_limit(params: Params, kind: str, heldout: bool, model_max: int) -> Tok
     if heldout:  # evaluated, scored and generated from: nothing may be over the model's length
         return TokenLimit(model_max, 0.0, "the model's max length")
     if kind == "preferences":
-        section, allowed = "reward", params.reward.max_dropped_fraction
+        # The reward model trains on them; under DPO the policy does too: the stricter applies.
+        readers = [("reward", params.reward)]
         if params.policy.algorithm == "dpo":
-            section, allowed = "dpo", min(allowed, params.dpo.max_dropped_fraction)
-        tokens = params.reward.args.get("max_length") or model_max
-        if section == "dpo":
-            tokens = min(tokens, params.dpo.args.get("max_length") or model_max)
-        return TokenLimit(tokens, allowed, f"{section}.args.max_length")
+            readers.append(("dpo", params.dpo))
+        section, strictest = min(readers, key=lambda r: r[1].args.get("max_length") or model_max)
+        return TokenLimit(
+            strictest.args.get("max_length") or model_max,
+            min(c.max_dropped_fraction for _, c in readers),
+            f"{section}.args.max_length",
+        )
     if kind == "sft":
         tokens = params.sft.args.get("max_length") or model_max
         return TokenLimit(tokens, params.sft.max_dropped_fraction, "sft.args.max_length")
