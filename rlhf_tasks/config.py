@@ -249,6 +249,17 @@ class RewardSection(_Section):
     resources: ResourcesSection = ResourcesSection()
 
 
+class JudgeSection(_Section):
+    """Stage ``judge``: a second reward model for ``evaluate.judge: heldout_rm``, trained as the
+    ``reward`` stage trains (its init, args, LoRA and resources) on a share of the training
+    pairs that the reward model never sees: whole prompts, chosen by a hash of their text."""
+
+    # Share of the training prompts (with every pair of each) kept from the reward model to
+    # train the judge; 0: no judge is trained (the stage only records that).
+    fraction: float = Field(0.0, ge=0, le=0.5)
+    seed: int = 43
+
+
 class PolicySection(_Section):
     """Stage ``policy``: which algorithm turns the SFT model into the policy. ``ppo`` is this
     project's PPO against the reward model (section ``ppo``); ``rloo`` and ``grpo`` are TRL's
@@ -340,11 +351,16 @@ class TrlPolicySection(_Section):
     resources: ResourcesSection = ResourcesSection()
 
 
+# evaluate.judge: the judge stage's reward model (trained on judge.fraction of the pairs).
+HELDOUT_RM = "heldout_rm"
+
+
 class EvaluateSection(_Section):
     """Stage ``evaluate``: the policy against the SFT model on held-out prompts."""
 
-    # "gold": the demo's gold judge; else the path of a reward model the policy was not trained
-    # against (an external one, or one trained on a held-out split): never the stage's own.
+    # "gold": the demo's gold judge; "heldout_rm": the judge stage's reward model (trained on
+    # judge.fraction of the pairs, which the reward model never saw); else the path of a reward
+    # model the policy was not trained against (an external one): never the reward stage's own.
     judge: str = "gold"
     samples_per_prompt: int = Field(2, gt=0)
     max_new_tokens: int = Field(40, gt=0)
@@ -410,6 +426,7 @@ class Params(_Section):
     validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")
     sft: SftSection = SftSection()
     reward: RewardSection = RewardSection()
+    judge: JudgeSection = JudgeSection()
     policy: PolicySection = PolicySection()
     ppo: PpoSection = PpoSection()
     rloo: TrlPolicySection = TrlPolicySection()

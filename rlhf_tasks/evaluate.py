@@ -4,7 +4,8 @@ For the reward model, on held-out pairs: accuracy against the annotators' labels
 demo, against the noise-free gold order. For the policy and the SFT model it starts from, on
 held-out prompts: the reward model's mean score, KL(policy || SFT), mean length, distinct-2,
 and a win rate against SFT judged by a judge the policy was not optimised against (the demo's
-gold judge, or another reward model given by path: never the one PPO maximised).
+gold judge; ``heldout_rm``, the judge stage's reward model, trained on pairs the policy's reward
+model never saw; or another reward model given by path: never the one PPO maximised).
 
 Writes ``artifacts/evaluate/metrics.json`` (a flat JSON object), ``report.md`` with SFT and
 policy generations side by side, every generation with its judge score in
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhf_tasks import demo, reward
-from rlhf_tasks.config import EvaluateSection, ModelConfig, Params
+from rlhf_tasks.config import HELDOUT_RM, EvaluateSection, ModelConfig, Params
 from rlhf_tasks.errors import ConfigError
 from rlhf_tasks.formats import prompt_messages
 from rlhf_tasks.locations import StageIO
@@ -107,14 +108,32 @@ def win_rate(a: list[float], b: list[float]) -> float:
 Judge = Callable[[list[str], list[str]], list[float]]
 
 
-def judge(cfg: EvaluateSection, model_cfg: ModelConfig | None = None) -> Judge:
+def judge_location(cfg: EvaluateSection, judge_model: str | Path | None) -> str | Path:
+    """Where the configured reward-model judge is: the judge stage's model (``judge_model``)
+    for ``heldout_rm``, else the path ``cfg.judge``."""
+    if cfg.judge != HELDOUT_RM:
+        return cfg.judge
+    if judge_model is None or not Path(judge_model, "config.json").exists():
+        raise ConfigError(
+            f"evaluate.judge={HELDOUT_RM}: there is no judge model in {judge_model}: set "
+            "judge.fraction (e.g. 0.2) so that the judge stage trains one, and run it"
+        )
+    return judge_model
+
+
+def judge(
+    cfg: EvaluateSection,
+    model_cfg: ModelConfig | None = None,
+    judge_model: str | Path | None = None,
+) -> Judge:
     """The configured judge as ``scores = judge(prompts, responses)``: the demo's gold score,
-    or the reward model at the path ``cfg.judge``."""
+    the judge stage's reward model (``heldout_rm``: ``judge_model``), or the reward model at the
+    path ``cfg.judge``."""
     if cfg.judge == "gold":
         return lambda prompts, texts: [
             demo.gold_score(p, t) for p, t in zip(prompts, texts, strict=True)
         ]
-    model, tokenizer = reward.load_reward_model(cfg.judge, model_cfg)
+    model, tokenizer = reward.load_reward_model(judge_location(cfg, judge_model), model_cfg)
     return lambda prompts, texts: reward.score(model, tokenizer, prompts, texts, cfg.batch_size)
 
 
@@ -123,15 +142,16 @@ def compare(
     models: dict[str, tuple[Any, Any]],
     prompts: str | Path,
     model_cfg: ModelConfig | None = None,
+    judge_model: str | Path | None = None,
 ) -> dict[str, Any]:
     """Two models, ``{name: (model, tokenizer)}``, on the held-out prompts of ``prompts``: the
-    same prompts, samples and random stream for each, scored by the configured judge. Returns
-    each one's mean judge score and the first one's win rate over the second."""
+    same prompts, samples and random stream for each, scored by the configured judge (``judge``).
+    Returns each one's mean judge score and the first one's win rate over the second."""
     rows = read_jsonl(Path(prompts), "evaluate")
     if cfg.judge == "gold":
         _check_demo_prompts([r["prompt"] for r in rows], Path(prompts))
     texts_in = [r["prompt"] for r in rows] * cfg.samples_per_prompt
-    score = judge(cfg, model_cfg)
+    score = judge(cfg, model_cfg, judge_model)
     judged = {
         name: score(texts_in, generate(model.eval(), tokenizer, texts_in, cfg))
         for name, (model, tokenizer) in models.items()
@@ -157,6 +177,7 @@ def run(params: Params, io: StageIO) -> dict[str, Any]:
         history=io.inputs["history"],
         out_dir=io.workdir,
         model_cfg=params.model,
+        judge_model=io.inputs["judge_model"],
     )
 
 
@@ -171,9 +192,11 @@ def evaluate(
     history: str | Path | None = None,
     out_dir: Path,
     model_cfg: ModelConfig | None = None,
+    judge_model: str | Path | None = None,
 ) -> dict[str, Any]:
     """Evaluate the model in ``policy_dir`` against the one in ``sft_dir``; write metrics.json,
-    report.md and plots to ``out_dir``; return locations and metrics."""
+    report.md and plots to ``out_dir``; return locations and metrics. ``judge_model``: the
+    judge stage's model (for ``evaluate.judge: heldout_rm``)."""
     from transformers import AutoModelForCausalLM
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -212,7 +235,7 @@ def evaluate(
         "policy": AutoModelForCausalLM.from_pretrained(policy_dir, **remote).eval(),
     }
     generations = {name: generate(m, tokenizer, texts_in, cfg) for name, m in models.items()}
-    score = judge(cfg, model_cfg)
+    score = judge(cfg, model_cfg, judge_model)
     judged: dict[str, list[float]] = {}
     for name, texts in generations.items():
         rm = reward.score(scorer, rm_tokenizer, texts_in, texts, cfg.batch_size)
@@ -287,7 +310,9 @@ def _write_report(
 ) -> None:
     lines = ["# Evaluation", "", "| metric | value |", "|---|---|"]
     lines += [f"| `{k}` | {v:.4g} |" for k, v in metrics.items()]
-    judge = "gold judge" if cfg.judge == "gold" else f"judge `{cfg.judge}`"
+    judge = {"gold": "gold judge", HELDOUT_RM: "held-out judge (stage judge)"}.get(
+        cfg.judge, f"judge `{cfg.judge}`"
+    )
     lines += ["", f"## Generations on held-out prompts ({judge} score in brackets)", ""]
     lines += ["| prompt | SFT | policy |", "|---|---|---|"]
     for i in range(min(cfg.report_examples, len(prompts))):

@@ -11,6 +11,7 @@ from rlhf_tasks.stages import STAGES
 # The figures a user looks at after a run: (stage, metrics key, label). Missing ones are skipped.
 KEY_METRICS = [
     ("reward", "reward_model/accuracy", "reward model: held-out accuracy"),
+    ("judge", "judge/accuracy", "judge (held-out reward model): accuracy"),
     ("evaluate", "reward_model/noise_ceiling", "   annotators' agreement with gold (ceiling)"),
     ("evaluate", "reward_model/accuracy_gold", "reward model: accuracy vs gold order"),
     ("evaluate", "sft/reward_mean", "SFT: reward-model score"),

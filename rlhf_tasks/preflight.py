@@ -14,8 +14,9 @@ more than the params file:
   a model that ships its own code is refused unless ``model.trust_remote_code``, and one whose
   weights are only pickles (``pytorch_model.bin``, ``*.pt``) unless ``model.allow_pickle``;
 - the evaluation's judge: ``gold`` only on the demo's prompts (it knows no others; the first
-  ``JUDGE_SAMPLE`` held-out prompts are read), and never the reward model the policy is
-  trained against (a policy that games it would win).
+  ``JUDGE_SAMPLE`` held-out prompts are read); ``heldout_rm`` only with a ``judge.fraction``
+  to train it on; never the reward model the policy is trained against (a policy that games it
+  would win).
 
 Cheap: it reads file names and ``config.json``, never weights, and TRL arguments found valid
 are not built again until they, this code or the libraries change (``CHECKED_ARGS``), so an
@@ -32,7 +33,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from rlhf_tasks.config import Params
+from rlhf_tasks.config import HELDOUT_RM, Params
 from rlhf_tasks.errors import ConfigError
 from rlhf_tasks.models import check_model_location
 from rlhf_tasks.stages import STAGES
@@ -113,11 +114,14 @@ def trainer_configs(params: Params) -> dict[str, Any]:
 
     from rlhf_tasks.training import trainer_config
 
-    configs, problems = {}, []
+    configs, problems, seen = {}, [], set()
     for stage in STAGES.values():
         if stage.trainer_section is None:
             continue
         section = stage.trainer_section(params)
+        if section in seen:
+            continue  # the judge trains with the reward stage's args: checked once
+        seen.add(section)
         cls = getattr(trl, TRL_CONFIGS[section]) if section in TRL_CONFIGS else None
         if cls is None:
             continue  # our own trainer (ppo): its section is checked by load_params
@@ -149,7 +153,7 @@ def _check_models(params: Params) -> None:
         locations.append(("model.name_or_path", name))
     if params.reward.init_from not in ("sft", "base"):
         locations.append(("reward.init_from", params.reward.init_from))
-    if params.evaluate.judge != "gold":
+    if params.evaluate.judge not in ("gold", HELDOUT_RM):
         locations.append(("evaluate.judge", params.evaluate.judge))
     problems = []
     for key, location in locations:
@@ -178,8 +182,17 @@ def _check_judge(params: Params) -> None:
             raise ConfigError(
                 f"evaluate.judge=gold is the demo task's judge, but {unknown} of the first "
                 f"{len(prompts)} prompts of data.prompts_heldout ({path}) are not demo prompts: "
-                "set evaluate.judge to the path of a reward model the policy is not trained "
-                "against (trained on other pairs, or an external one)"
+                f"set evaluate.judge={HELDOUT_RM} with judge.fraction (e.g. 0.2) to judge with a "
+                "reward model trained on pairs the policy's reward model never sees, or to the "
+                "path of an external reward model"
+            )
+        return
+    if judge == HELDOUT_RM:
+        if not params.judge.fraction:
+            raise ConfigError(
+                f"evaluate.judge={HELDOUT_RM} judges with the judge stage's reward model, which "
+                "trains on judge.fraction of the training prompts' pairs, but judge.fraction is "
+                "0: set it (e.g. judge.fraction=0.2)"
             )
         return
     trained = Path(STAGES["reward"].outputs["model"].path).resolve()

@@ -264,7 +264,8 @@ def _win_rate_vs_champion(params: Params, name: str, champion_version: str, io: 
         "champion": (champion["model"], champion["tokenizer"]),
     }
     prompts = io.inputs["prompts_heldout"]
-    return evaluate.compare(params.evaluate, models, prompts, params.model)["win_rate"]
+    judge_model = io.inputs["judge_model"]
+    return evaluate.compare(params.evaluate, models, prompts, params.model, judge_model)["win_rate"]
 
 
 def _record(client: Any, params: Params, decision: dict[str, Any]) -> None:

@@ -26,6 +26,8 @@ assistant message, rendered by the tokenizer's chat template.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import math
 from pathlib import Path
 from typing import Any
@@ -80,9 +82,15 @@ def init_location(params: Params, io: StageIO) -> str:
     return str(location)
 
 
-def build_trainer(params: Params, io: StageIO, rows: list[dict[str, Any]] | None = None) -> Any:
-    """The RewardTrainer of this stage, its data (``rows``, by default its input
-    ``preferences_train``) tokenized (``trainer.train_dataset``)."""
+def build_trainer(
+    params: Params,
+    io: StageIO,
+    rows: list[dict[str, Any]] | None = None,
+    seed: int | None = None,
+) -> Any:
+    """The RewardTrainer of this stage, its data (``rows``, by default the reward model's share
+    of its input ``preferences_train``: ``judge_split``) tokenized (``trainer.train_dataset``);
+    ``seed``: by default ``reward.seed``."""
     from datasets import Dataset
     from trl import RewardConfig, RewardTrainer
 
@@ -92,11 +100,12 @@ def build_trainer(params: Params, io: StageIO, rows: list[dict[str, Any]] | None
         "reward",
         cfg.args,
         output_dir=io.checkpoints,
-        seed=cfg.seed,
+        seed=cfg.seed if seed is None else seed,
         model=params.model,
     )
     init = init_location(params, io)
-    rows = read_jsonl(io.inputs["preferences_train"], "reward") if rows is None else rows
+    if rows is None:
+        rows, _ = judge_split(read_jsonl(io.inputs["preferences_train"], "reward"), params)
     tokenizer = load_tokenizer(init, params.model.trust_remote_code, "reward.init_from")
     return RewardTrainer(
         model=init,
@@ -198,18 +207,44 @@ def check_not_constant(held: dict[str, Any]) -> None:
         )
 
 
-def run(params: Params, io: StageIO) -> dict[str, Any]:
-    """The ``reward`` stage: train, save the (merged) model, score the held-out pairs with the
-    saved model; return locations and metrics."""
+def judge_split(
+    rows: list[dict[str, Any]], params: Params
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The training pairs as (the reward model's, the judge's): ``judge.fraction`` of the
+    prompts, with every pair of each, go to the judge (stage ``judge``), the rest to the reward
+    model, so that the policy's judge never saw a pair the policy was trained against. Chosen by
+    a hash of the prompt's text: the same prompt falls on the same side in every run and
+    whatever the order of the rows. ``judge.fraction`` 0: every pair is the reward model's."""
+    fraction = params.judge.fraction
+    if not fraction:
+        return rows, []
+    mine: list[dict[str, Any]] = []
+    judges: list[dict[str, Any]] = []
+    for row in rows:
+        digest = hashlib.sha256(row["prompt"].encode("utf-8")).digest()
+        (judges if int.from_bytes(digest[:8], "big") < fraction * 2**64 else mine).append(row)
+    return mine, judges
+
+
+def train(
+    stage: str,
+    params: Params,
+    io: StageIO,
+    rows: list[dict[str, Any]],
+    counts: RowCounts,
+    seed: int,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Stage ``stage`` (reward or judge): train a reward model on ``rows`` (``counts``: the rows
+    read for it), save the (merged) model, score the held-out pairs with the saved model; return
+    locations and metrics, the metrics under ``counts.stage``'s prefix (with ``extra``)."""
     cfg = params.reward
-    heldout = read_jsonl(io.inputs["preferences_heldout"], "reward")
-    rows = read_jsonl(io.inputs["preferences_train"], "reward")
-    trainer = build_trainer(params, io, rows)
+    name = counts.stage
+    heldout = read_jsonl(io.inputs["preferences_heldout"], stage)
+    trainer = build_trainer(params, io, rows, seed)
     # RewardTrainer drops the pairs whose chosen or rejected sequence is over max_length.
-    counts = RowCounts(
-        "reward_model",
-        "reward",
-        read=len(rows),
+    counts = dataclasses.replace(
+        counts,
         kept=len(trainer.train_dataset),
         limit=f"reward.args.max_length = {trainer.args.max_length} tokens",
     )
@@ -218,8 +253,9 @@ def run(params: Params, io: StageIO) -> dict[str, Any]:
     # Resume only a run of these params on these inputs (see training.checkpoint_to_resume).
     run_id = fingerprint(
         inputs=[str(io.inputs["preferences_train"]), init_location(params, io)],
-        stage="reward",
+        stage=stage,
         reward=cfg.model_dump(),
+        judge=params.judge.model_dump(),
         model=params.model.model_dump(),
     )
     result, start = fit(trainer, io, run_id)
@@ -231,34 +267,49 @@ def run(params: Params, io: StageIO) -> dict[str, Any]:
     # train_loss: the mean over the steps of this call (after a resume, the resumed steps only);
     # train_accuracy: over the last logging window.
     metrics = {
-        "reward_model/accuracy": round(held["accuracy"], 6),
-        "reward_model/mean_margin": round(held["mean_margin"], 6),
-        "reward_model/heldout_loss": round(held["loss"], 6),
-        "reward_model/heldout_pairs": held["pairs"],
-        "reward_model/train_loss": round(result.training_loss, 6),
-        "reward_model/train_accuracy": last_logged(state.log_history, "accuracy"),
-        "reward_model/steps": state.global_step,
-        "reward_model/epochs": round(state.epoch or 0.0, 4),
+        f"{name}/accuracy": round(held["accuracy"], 6),
+        f"{name}/mean_margin": round(held["mean_margin"], 6),
+        f"{name}/heldout_loss": round(held["loss"], 6),
+        f"{name}/heldout_pairs": held["pairs"],
+        f"{name}/train_loss": round(result.training_loss, 6),
+        f"{name}/train_accuracy": last_logged(state.log_history, "accuracy"),
+        f"{name}/steps": state.global_step,
+        f"{name}/epochs": round(state.epoch or 0.0, 4),
         # Pairs longer than args.max_length are dropped by RewardTrainer.
-        "reward_model/train_pairs": len(trainer.train_dataset),
+        f"{name}/train_pairs": len(trainer.train_dataset),
         **counts.metrics(),
+        **(extra or {}),
     }
     metrics = {key: value for key, value in metrics.items() if value is not None}
     timing = {
-        "reward_model/train_runtime_s": round(result.metrics["train_runtime"], 2),
-        "reward_model/train_samples_per_second": round(
-            result.metrics["train_samples_per_second"], 2
-        ),
-        "reward_model/resumed_from_step": start,
+        f"{name}/train_runtime_s": round(result.metrics["train_runtime"], 2),
+        f"{name}/train_samples_per_second": round(result.metrics["train_samples_per_second"], 2),
+        f"{name}/resumed_from_step": start,
     }
     write_results(trainer, io, metrics, timing)
     print(
-        f"reward: {metrics['reward_model/steps']} steps in "
-        f"{timing['reward_model/train_runtime_s']} s; held-out accuracy "
-        f"{metrics['reward_model/accuracy']:.3f} on {held['pairs']} pairs, mean margin "
-        f"{metrics['reward_model/mean_margin']:.3f}; model in {model_dir}"
+        f"{stage}: {metrics[f'{name}/steps']} steps in "
+        f"{timing[f'{name}/train_runtime_s']} s; held-out accuracy "
+        f"{metrics[f'{name}/accuracy']:.3f} on {held['pairs']} pairs, mean margin "
+        f"{metrics[f'{name}/mean_margin']:.3f}; model in {model_dir}"
     )
     return {
         "outputs": {"model": str(model_dir), "metrics": str(io.outputs["metrics"])},
         "metrics": {**metrics, **timing},
     }
+
+
+def run(params: Params, io: StageIO) -> dict[str, Any]:
+    """The ``reward`` stage: the reward model on its share of the training pairs (all of them
+    unless ``judge.fraction`` sets some aside for the judge)."""
+    rows = read_jsonl(io.inputs["preferences_train"], "reward")
+    mine, judges = judge_split(rows, params)
+    counts = RowCounts(
+        "reward_model",
+        "reward",
+        read=len(rows),
+        kept=len(mine),
+        set_aside=len(judges),
+        set_aside_for=f"the judge (judge.fraction = {params.judge.fraction})",
+    )
+    return train("reward", params, io, mine, counts, params.reward.seed)

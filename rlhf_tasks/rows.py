@@ -25,14 +25,22 @@ class RowCounts:
     truncated: int = 0  # kept, but cut into the response
     limit: str = ""  # the setting that decides, e.g. "reward.args.max_length = 128 tokens"
     prompts_truncated: int = 0  # kept with the start of the prompt cut (not counted as lost)
+    set_aside: int = 0  # read, and kept for another use on purpose (the judge's pairs)
+    set_aside_for: str = ""  # what for, e.g. "the judge (judge.fraction = 0.2)"
+
+    @property
+    def used(self) -> int:
+        """The rows this stage was to train on: those read, less those set aside."""
+        return self.read - self.set_aside
 
     @property
     def dropped(self) -> int:
-        return self.read - self.kept
+        return self.used - self.kept
 
     def metrics(self) -> dict[str, int]:
         return {
             f"{self.stage}/rows_read": self.read,
+            f"{self.stage}/rows_set_aside": self.set_aside,
             f"{self.stage}/rows_kept": self.kept,
             f"{self.stage}/rows_truncated": self.truncated,
             f"{self.stage}/rows_dropped": self.dropped,
@@ -43,19 +51,21 @@ class RowCounts:
         changed = self.dropped or self.truncated or self.prompts_truncated
         why = f" by {self.limit}" if self.limit and changed else ""
         cut = f", {self.prompts_truncated} prompts cut" if self.prompts_truncated else ""
+        aside = f"{self.set_aside} set aside for {self.set_aside_for}, " if self.set_aside else ""
         return (
-            f"{self.stage}: trains on {self.kept} of {self.read} rows ({self.dropped} dropped, "
-            f"{self.truncated} truncated into the response{cut}{why})"
+            f"{self.stage}: trains on {self.kept} of {self.read} rows ({aside}{self.dropped} "
+            f"dropped, {self.truncated} truncated into the response{cut}{why})"
         )
 
     def check(self, max_fraction: float) -> None:
-        """Raise DataError when more than ``max_fraction`` of the rows would be lost."""
-        if self.read == 0:
-            raise DataError(f"{self.stage}: no rows to train on")
+        """Raise DataError when more than ``max_fraction`` of the rows to train on would be
+        lost (rows set aside on purpose are not lost)."""
+        if self.used <= 0:
+            raise DataError(f"{self.stage}: no rows to train on ({self.summary()})")
         lost = self.dropped + self.truncated
-        if lost / self.read > max_fraction:
+        if lost / self.used > max_fraction:
             raise DataError(
-                f"{self.stage}: {lost} of {self.read} rows ({lost / self.read:.1%}) would be "
+                f"{self.stage}: {lost} of {self.used} rows ({lost / self.used:.1%}) would be "
                 f"dropped ({self.dropped}) or truncated into the response ({self.truncated}) "
                 f"by {self.limit or 'the trainer'}; at most {max_fraction:.0%} may be "
                 f"({self.section}.max_dropped_fraction). Raise the limit, shorten or filter the "

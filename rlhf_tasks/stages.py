@@ -159,7 +159,7 @@ STAGES: dict[str, Stage] = {
         Stage(
             "reward",
             "rlhf_tasks.reward:run",
-            sections=("model", "reward"),
+            sections=("model", "reward", "judge"),
             inputs={
                 "preferences_train": f"{VALIDATED}/preferences_train.jsonl",
                 "preferences_heldout": f"{VALIDATED}/preferences_heldout.jsonl",
@@ -171,6 +171,22 @@ STAGES: dict[str, Stage] = {
             },
             trains=True,
             registers="text-classification",
+            trainer_section=_trained_by("reward"),
+        ),
+        Stage(
+            "judge",
+            "rlhf_tasks.judge:run",
+            sections=("model", "reward", "judge"),
+            inputs={
+                "preferences_train": f"{VALIDATED}/preferences_train.jsonl",
+                "preferences_heldout": f"{VALIDATED}/preferences_heldout.jsonl",
+                "sft_model": "artifacts/sft/model",
+            },
+            outputs={
+                "model": Out("artifacts/judge/model"),
+                "metrics": metric("artifacts/judge/metrics.json"),
+            },
+            trains=True,
             trainer_section=_trained_by("reward"),
         ),
         Stage(
@@ -205,6 +221,7 @@ STAGES: dict[str, Stage] = {
                 "preferences_heldout": f"{VALIDATED}/preferences_heldout.jsonl",
                 "sft_model": "artifacts/sft/model",
                 "reward_model": "artifacts/reward/model",
+                "judge_model": "artifacts/judge/model",
                 "policy_model": "artifacts/policy/model",
                 "history": "artifacts/policy/history.jsonl",
             },
@@ -224,6 +241,7 @@ STAGES: dict[str, Stage] = {
                 "validation": "artifacts/validate/report.json",
                 "prompts_heldout": f"{VALIDATED}/prompts_heldout.jsonl",
                 "reward_model": "artifacts/reward/model",
+                "judge_model": "artifacts/judge/model",
                 "policy_model": "artifacts/policy/model",
                 "evaluation": "artifacts/evaluate/metrics.json",
             },

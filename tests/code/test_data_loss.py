@@ -25,6 +25,7 @@ def test_the_limit_is_a_share_of_the_rows_read():
     at_limit.check(0.05)  # 5 of 100 lost: allowed
     assert at_limit.metrics() == {
         "reward_model/rows_read": 100,
+        "reward_model/rows_set_aside": 0,
         "reward_model/rows_kept": 97,
         "reward_model/rows_truncated": 2,
         "reward_model/rows_dropped": 3,
@@ -43,6 +44,20 @@ def test_the_limit_is_a_share_of_the_rows_read():
         RowCounts("sft", "sft", read=3, kept=0).check(1.0)
     with pytest.raises(DataError, match="no rows to train on"):
         RowCounts("sft", "sft", read=0, kept=0).check(1.0)
+
+
+def test_rows_set_aside_for_the_judge_are_counted_but_not_lost():
+    counts = RowCounts(
+        "reward_model", "reward", read=100, kept=76, set_aside=20, set_aside_for="the judge"
+    )
+    counts.check(0.05)  # 4 of the 80 it was to train on: allowed
+    assert counts.dropped == 4
+    assert counts.summary() == (
+        "reward_model: trains on 76 of 100 rows (20 set aside for the judge, 4 dropped, "
+        "0 truncated into the response)"
+    )
+    with pytest.raises(DataError, match=r"5 of 80 rows \(6.2%\)"):
+        RowCounts("reward_model", "reward", read=100, kept=75, set_aside=20).check(0.05)
 
 
 @pytest.mark.slow

@@ -25,7 +25,7 @@ def test_a_stage_depends_on_the_code_it_imports_transitively() -> None:
     importers = {
         name for name, s in STAGES.items() if "rlhf_tasks/reward.py" in code_deps(s.module)
     }
-    assert importers == {"reward", "policy", "evaluate", "promote"}
+    assert importers == {"reward", "judge", "policy", "evaluate", "promote"}
     assert "rlhf_tasks/ppo/maths.py" in code_deps("rlhf_tasks.evaluate")
     assert "rlhf_tasks/training.py" in code_deps("rlhf_tasks.policy")
     for stage in STAGES.values():
@@ -134,7 +134,7 @@ def test_registry_inputs_are_upstream_outputs_or_data() -> None:
                 if path == out.path or Path(out.path) in Path(path).parents
             ]
             assert made_by or path == "data", (stage.name, role, path)
-    assert STAGES["evaluate"].upstream() == ["validate", "sft", "reward", "policy"]
+    assert STAGES["evaluate"].upstream() == ["validate", "sft", "reward", "judge", "policy"]
     assert STAGES["sft"].upstream() == ["base_model", "validate"]
 
 

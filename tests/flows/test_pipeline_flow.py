@@ -121,11 +121,11 @@ def test_flow_runs_every_stage_in_order_and_dvc_records_it(dvc_project: Path, rl
     assert sorted(p.name for p in (project / "artifacts/validate/data").iterdir()) == validated
     assert lockfile.status() == {}
 
-    # The code a stage imports is its dep: reward.py is read by reward, policy (PPO's scorer
-    # format), evaluate and promote.
+    # The code a stage imports is its dep: reward.py is read by reward, judge, policy (PPO's
+    # scorer format), evaluate and promote.
     reward_py = project / "rlhf_tasks/reward.py"
     reward_py.write_text(reward_py.read_text() + "\n# changed\n")
-    assert set(lockfile.status()) == {"reward", "policy", "evaluate", "promote"}
+    assert set(lockfile.status()) == {"reward", "judge", "policy", "evaluate", "promote"}
 
 
 def test_failed_gate_fails_the_flow_and_writes_no_data(project: Path) -> None:

@@ -100,7 +100,7 @@ def test_killed_runs_resume_from_their_checkpoints_and_register_once(
         set(),
         {"base_model", "validate"},
         {"base_model", "validate", "sft"},
-        {"base_model", "validate", "sft", "reward"},
+        {"base_model", "validate", "sft", "reward", "judge"},
     ]
 
 
