@@ -104,7 +104,10 @@ def _check_bounds(where: str, key: str, value: Any) -> None:
 
 def _init_kwargs(section: str, value: Any, model: ModelConfig | None) -> dict[str, Any]:
     """``model_init_kwargs`` (what TRL passes to ``from_pretrained`` when it loads the model
-    itself) with this project's loading rules; the user's own keys are kept."""
+    itself) with this project's loading rules; the user's own keys are kept. The weights train
+    in fp32 unless the user sets ``dtype``: transformers would otherwise keep a bf16
+    checkpoint's dtype, and bf16 master weights round most updates away at fine-tuning learning
+    rates; ``args.bf16`` then computes in bf16 under autocast, as mixed precision does."""
     where = f"{section}.args.model_init_kwargs"
     if isinstance(value, str):  # TrainingArguments accepts a JSON string for dict fields
         with contextlib.suppress(ValueError):
@@ -119,7 +122,9 @@ def _init_kwargs(section: str, value: Any, model: ModelConfig | None) -> dict[st
             raise ConfigError(f"{where}.{key}: set model.{param}")
     loading = model_kwargs(model)
     loading.pop("trust_remote_code")  # TRL takes it from the config's own trust_remote_code
-    return {**(value or {}), **loading}
+    value = value or {}
+    dtype = {} if {"dtype", "torch_dtype"} & set(value) else {"dtype": "float32"}
+    return {**dtype, **value, **loading}
 
 
 def trainer_config(

@@ -135,7 +135,8 @@ def test_every_trl_config_carries_the_loading_rules(project: Path):
         )
         assert set(configs) == {"sft", "reward", algorithm}
         for cfg in configs.values():
-            assert cfg.model_init_kwargs == {"use_safetensors": True}
+            # fp32 master weights whatever the checkpoint's dtype (a bf16 one would train bf16).
+            assert cfg.model_init_kwargs == {"dtype": "float32", "use_safetensors": True}
             assert cfg.trust_remote_code is False
     allowed = preflight.trainer_configs(
         load_params(
@@ -149,7 +150,7 @@ def test_every_trl_config_carries_the_loading_rules(project: Path):
     )
     assert allowed["sft"].model_init_kwargs == {"dtype": "bfloat16"}  # the user's own kept
     assert allowed["sft"].trust_remote_code is True
-    assert allowed["reward"].model_init_kwargs == {}
+    assert allowed["reward"].model_init_kwargs == {"dtype": "float32"}
 
 
 @pytest.mark.parametrize(
