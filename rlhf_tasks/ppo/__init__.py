@@ -42,6 +42,7 @@ from rlhf_tasks.ppo.maths import (
 from rlhf_tasks.ppo.rollout import (
     Rollout,
     ValueModel,
+    end_of_turn,
     load_prompts,
     sequence_logprobs,
     token_scores,
@@ -55,6 +56,7 @@ __all__ = [
     "PolicyLoss",
     "Rollout",
     "ValueModel",
+    "end_of_turn",
     "gae",
     "load_prompts",
     "masked_mean",

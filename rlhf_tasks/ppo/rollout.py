@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -146,6 +146,54 @@ class Models:
     scorer: Any  # the frozen reward model
     ref_policy: Any | None  # the frozen reference; None with LoRA (the adapter is disabled instead)
     tokenizer: Any
+    # What the chat template writes after an answer's EOS (ChatML: "\n" after <|im_end|>): the
+    # reward model was trained on, and scores at the end of, the rendered turn.
+    end_of_turn: list[int] = field(default_factory=list)
+
+
+def end_of_turn(tokenizer: Any) -> list[int]:
+    """The token ids the tokenizer's chat template puts after the EOS that ends an assistant
+    turn (ChatML's "<|im_end|>\n": the newline). A reward model trained on rendered chats
+    (RewardTrainer, ``reward.score``) scores a response at the last of these, so PPO appends
+    them to each response that ended with EOS before it reads the score. Empty when the
+    template ends the turn with the EOS, or does not write the EOS at all."""
+    eos = tokenizer.eos_token_id
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello."}],
+        tokenize=True,
+        return_dict=True,
+    )["input_ids"]
+    if eos not in ids:
+        return []
+    last = len(ids) - 1 - ids[::-1].index(eos)
+    return list(ids[last + 1 :])
+
+
+def score_responses(
+    models: Models,
+    sequences: torch.Tensor,
+    attention: torch.Tensor,
+    last: torch.Tensor,
+    has_eos: torch.Tensor,
+) -> torch.Tensor:
+    """The reward model's score (B,) of each sequence, read where it reads a rendered chat: at
+    the last token of the template's end of turn after an EOS (``Models.end_of_turn``), at the
+    last real token of a response without one."""
+    suffix = models.end_of_turn
+    rows = torch.arange(len(last), device=sequences.device)
+    if not suffix:
+        return token_scores(models.scorer, sequences, attention)[rows, last]
+    width = len(suffix)
+    pad_id = models.tokenizer.pad_token_id
+    sequences = torch.nn.functional.pad(sequences, (0, width), value=pad_id)
+    attention = torch.nn.functional.pad(attention, (0, width), value=0)
+    tail = torch.tensor(suffix, device=sequences.device)
+    for i in torch.nonzero(has_eos).flatten().tolist():
+        at = int(last[i]) + 1
+        sequences[i, at : at + width] = tail
+        attention[i, at : at + width] = 1
+    read_at = last + has_eos.long() * width
+    return token_scores(models.scorer, sequences, attention)[rows, read_at]
 
 
 def reference_logprobs(
@@ -244,8 +292,8 @@ def rollout(
         )
         values = models.critic(sequences, attention)[:, context_len - 1 : -1]
         last = context_len - 1 + mask.sum(1)  # position of each sequence's last real token
-        scores = token_scores(models.scorer, sequences, attention)[torch.arange(len(last)), last]
         has_eos = (responses == eos_id).any(1)
+        scores = score_responses(models, sequences, attention, last, has_eos)
         if cfg.missing_eos_penalty is not None:
             scores = torch.where(has_eos, scores, scores - cfg.missing_eos_penalty)
 

@@ -31,6 +31,7 @@ from rlhf_tasks.ppo.rollout import (
     Rollout,
     ValueModel,
     draw_prompts,
+    end_of_turn,
     load_prompts,
     rollout,
     sequence_logprobs,
@@ -215,7 +216,9 @@ def _setup(
         value_sched,
         KLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon),
     )
-    models = Models(accelerator, policy_model, critic, scorer, ref_policy, tokenizer)
+    models = Models(
+        accelerator, policy_model, critic, scorer, ref_policy, tokenizer, end_of_turn(tokenizer)
+    )
     return _Run(models, state, trainable, n_updates, started)
 
 
