@@ -50,7 +50,8 @@ def data_version(params: Params) -> DataVersion:
     """The version of the files params' ``data`` section names (see ``DataVersion``)."""
     files = _files_read(params)
     signature = tuple((str(f), *_stat(f)) for f in files)
-    return _data_version(tuple(params.data.roles().values()), signature)
+    # Each location once: a file may serve two roles (prompts_rl: the preference pairs' prompts).
+    return _data_version(tuple(dict.fromkeys(params.data.roles().values())), signature)
 
 
 def _stat(path: Path) -> tuple[int, int]:
