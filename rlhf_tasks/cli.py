@@ -73,6 +73,19 @@ def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="rlhf", description="RLHF pipeline: validate, train, evaluate, promote.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
+    p = sub.add_parser("init", help="write a params file for your model and data")
+    p.add_argument("--model", required=True, help="the base model: a local directory or hub id")
+    p.add_argument(
+        "--data",
+        nargs="+",
+        required=True,
+        help="preference pairs (training and held-out), SFT demonstrations, optionally prompts",
+    )
+    p.add_argument(
+        "--out", default=str(DEFAULT_PARAMS), help="file to write (default: params.yaml)"
+    )
+    p.add_argument("--force", action="store_true", help="replace the file if it exists")
+
     p = sub.add_parser("validate", help="run the data-validation gate")
     p.add_argument("paths", nargs="*", help="files or directories (default: params.yaml's data)")
     p.add_argument("--heldout", nargs="+", help="held-out files, checked for shared prompts")
@@ -313,6 +326,20 @@ def cmd_run(args: argparse.Namespace, params: Params) -> int:
     return 0
 
 
+def cmd_init(args: argparse.Namespace, argv: list[str]) -> int:
+    from rlhf_tasks import init
+
+    plan = init.write(args.model, args.data, Path(args.out), args.force, argv[1:])
+    print(f"wrote {args.out}:")
+    for note in plan.notes:
+        print(f"  {note}")
+    print(
+        "next: `rlhf validate` (the gate on this data), then `rlhf run`; commit the params file "
+        "and `dvc add` the data it names"
+    )
+    return 0
+
+
 def cmd_ingest(args: argparse.Namespace) -> int:
     from flows.api import temporary_api
 
@@ -358,6 +385,8 @@ def main(argv: list[str] | None = None) -> int:
     environment.set_defaults()
     try:
         args = _parser().parse_args(argv)
+        if args.command == "init":
+            return cmd_init(args, argv if argv is not None else sys.argv[1:])
         params = load_params(args.params, args.overrides)
         if args.command == "validate":
             return cmd_validate(args, params)

@@ -13,6 +13,8 @@ more than the params file:
   a hub id must be in the local Hugging Face cache when the hub is offline (``HF_HUB_OFFLINE``);
   a model that ships its own code is refused unless ``model.trust_remote_code``, and one whose
   weights are only pickles (``pytorch_model.bin``, ``*.pt``) unless ``model.allow_pickle``;
+- the model's tokenizer has a chat template (a local model directory; every stage renders the
+  data as chat messages with it);
 - the evaluation's judge: ``gold`` only on the demo's prompts (it knows no others; the first
   ``JUDGE_SAMPLE`` held-out prompts are read); ``heldout_rm`` only with a ``judge.fraction``
   to train it on; never the reward model the policy is trained against (a policy that games it
@@ -159,10 +161,42 @@ def _check_models(params: Params) -> None:
     for key, location in locations:
         try:
             check_model_location(location, key, params.model)
+            if key == "model.name_or_path":
+                check_chat_template(Path(location), key)
         except ConfigError as exc:
             problems.append(str(exc))
     if problems:
         raise ConfigError("\n".join(problems))
+
+
+def has_chat_template(path: Path) -> bool:
+    """Whether the tokenizer in the model directory ``path`` has a chat template (in its
+    tokenizer_config.json, or as chat_template.jinja / .json beside it)."""
+    if (path / "chat_template.jinja").is_file() or (path / "chat_template.json").is_file():
+        return True
+    try:
+        config = json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return bool(isinstance(config, dict) and config.get("chat_template"))
+
+
+def check_chat_template(path: Path, key: str) -> None:
+    """Every stage renders prompts and responses as chat messages with the model's chat template:
+    a local model whose tokenizer has none (a base GPT-2, say) is refused before anything runs."""
+    if path.is_dir() and not has_chat_template(path):
+        raise no_chat_template(str(path), key)
+
+
+def no_chat_template(location: str, key: str) -> ConfigError:
+    return ConfigError(
+        f"{key}={location!r}: its tokenizer has no chat template, and every stage renders "
+        "prompts and responses as chat messages with it (the data's turns, the answer, the end "
+        "of the turn the reward is read at). Start from the model's chat or instruct variant, "
+        "or give the tokenizer a template and save it beside the model: `tok = AutoTokenizer."
+        "from_pretrained(DIR); tok.chat_template = TEMPLATE; tok.save_pretrained(DIR)` (README: "
+        "Your data and your model)"
+    )
 
 
 def _check_judge(params: Params) -> None:
