@@ -18,7 +18,15 @@ PRIVACY = {
 }
 
 
+# MLflow's asynchronous logging (the trainers' per-step metrics) sends what its queue holds each
+# second, merged into batches, instead of one request per call; and ending a run or flushing no
+# longer waits out the queue's 1-second poll: without it each of a run's ~9 MLflow runs waited
+# about a second when it ended (measured: 1.07 s against 0.06 s per run with 5 async calls).
+ASYNC_LOGGING = {"MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS": "1"}
+
+
 def set_defaults() -> None:
-    """Set the privacy defaults and MLflow's HTTP retry defaults where the user set none."""
-    for var, value in {**PRIVACY, **HTTP_DEFAULTS}.items():
+    """Set the privacy defaults and MLflow's HTTP retry and async-logging defaults where the
+    user set none."""
+    for var, value in {**PRIVACY, **HTTP_DEFAULTS, **ASYNC_LOGGING}.items():
         os.environ.setdefault(var, value)
