@@ -123,8 +123,31 @@ def write_validated(
     return out
 
 
+# Rows kept of each demo data set by ``shrink_data`` (held-out prompts stay disjoint from the
+# training prompts): what a test of wiring needs, a few seconds less of reading, validating,
+# tokenising and scoring per run than the whole demo data set.
+ROWS = {
+    "data/sft/train.jsonl": 160,
+    "data/preferences/train.jsonl": 160,
+    "data/preferences/heldout.jsonl": 48,
+    "data/prompts/rl.jsonl": 48,
+    "data/prompts/heldout.jsonl": 16,
+}
+
+
+def shrink_data(project: Path) -> Path:
+    """Keep the first ``ROWS`` rows of each demo data set in ``project`` (run with
+    ``validate.min_rows`` at most 16, as FEW_STEPS sets it)."""
+    for rel, rows in ROWS.items():
+        path = project / rel
+        lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+        path.write_text("".join(lines[:rows]), encoding="utf-8")
+    return project
+
+
 # The training stages for a few steps, for tests of wiring (flows, deployments), not training.
 FEW_STEPS = [
+    "validate.min_rows=10",
     "sft.args.max_steps=2",
     "reward.args.max_steps=2",
     "ppo.total_episodes=16",

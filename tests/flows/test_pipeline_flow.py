@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import FEW_STEPS, make_dvc_repo
+from helpers import FEW_STEPS, make_dvc_repo, shrink_data
 from mlflow import MlflowClient
 from prefect.client.orchestration import get_client
 from prefect.testing.utilities import prefect_test_harness
@@ -28,9 +28,10 @@ def prefect_api():
 
 @pytest.fixture
 def dvc_project(project: Path) -> Path:
-    """The ``project`` as a DVC repository with the stages' code (dvc.yaml's deps) and the
-    training shrunk to a few steps in params.yaml itself: what DVC records is params.yaml."""
-    make_dvc_repo(project)
+    """The ``project`` as a DVC repository with the stages' code (dvc.yaml's deps), its data
+    and training shrunk (to a few steps, in params.yaml itself: what DVC records is
+    params.yaml)."""
+    make_dvc_repo(shrink_data(project))
     _set_params(project, FEW_STEPS)
     return project
 

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import yaml
-from helpers import BIN, env, make_dvc_repo
+from helpers import BIN, env, make_dvc_repo, shrink_data
 
 # Enough steps that each training stage writes a checkpoint well before it ends, few enough that
 # a whole `rlhf run` takes about half a minute on 2 CPU cores.
@@ -50,24 +50,13 @@ FAST = {
     # Any policy is promoted: these tests are about how runs fail, not about model quality.
     "promote": {"min_win_rate": 0.0, "min_reward_model_accuracy": 0.0, "required_checks": []},
 }
-# Rows kept of each demo data set (held-out prompts stay disjoint from the training prompts).
-ROWS = {
-    "data/sft/train.jsonl": 160,
-    "data/preferences/train.jsonl": 160,
-    "data/preferences/heldout.jsonl": 48,
-    "data/prompts/rl.jsonl": 48,
-    "data/prompts/heldout.jsonl": 16,
-}
 
 
 def make_fast(project: Path) -> Path:
-    """Shrink the ``project`` fixture's data and training to the sizes above, and make it a DVC
-    repository with the stages' code (dvc.yaml's deps): DVC decides which stages a run reuses,
-    from what the runs before it recorded in dvc.lock."""
-    for rel, rows in ROWS.items():
-        path = project / rel
-        lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
-        path.write_text("".join(lines[:rows]), encoding="utf-8")
+    """Shrink the ``project`` fixture's data (``shrink_data``) and training to the sizes above,
+    and make it a DVC repository with the stages' code (dvc.yaml's deps): DVC decides which
+    stages a run reuses, from what the runs before it recorded in dvc.lock."""
+    shrink_data(project)
     params = yaml.safe_load((project / "params.yaml").read_text())
     _merge(params, FAST)
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
