@@ -42,12 +42,14 @@ demo: setup
 	$(BIN)/rlhf run
 	$(BIN)/rlhf models
 
-# The whole suite (15 to 21 minutes on 2 idle cores, as this VM's speed varies; 3.5 to 4.5 of
-# them the demo run that tests/model, tests/registry and the DVC and security tests share); it
-# ends with the 15 slowest tests and the total time.
+# The whole suite, in TEST_WORKERS pytest-xdist processes of one torch thread each (two threads
+# per process on 2 cores would contend): one runs the demo pipeline that tests/model,
+# tests/registry and the DVC and security tests share while the others run the rest, module by
+# module (tests/conftest.py). It ends with the 15 slowest tests and the total time.
+TEST_WORKERS ?= 2
 test: setup
 	@start=$$(date +%s); status=0; \
-	$(BIN)/python -m pytest -q --durations=15 || status=$$?; \
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --durations=15 || status=$$?; \
 	echo "make test: $$(( $$(date +%s) - start )) s in all"; exit $$status
 
 # Unit and data tests only (no training, no demo run, no DVC, Prefect or MLflow server).

@@ -33,12 +33,50 @@ from rlhf_tasks.config import DataConfig, DemoConfig, ModelConfig, Params  # noq
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+# The modules whose tests read the session's demo run. Under pytest-xdist (`make test` runs two
+# workers) they all go to one worker, so that the demo pipeline runs once, and first, as the
+# longest piece of work; every other module goes whole to one worker (its module-scoped runs
+# are shared as without xdist).
+DEMO_RUN_MODULES = (
+    "tests/data/test_dvc.py",
+    "tests/model/test_demo_quality.py",
+    "tests/registry/test_demo_registry.py",
+    "tests/reliability/test_security.py",
+)
+
+
+def _module(nodeid: str) -> str:
+    return nodeid.split("::")[0]
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """A test that reads the session's demo run (``demo_run``: the whole pipeline, minutes) is
-    slow, marked or not: ``-m "not slow"`` never starts it."""
+    slow, marked or not: ``-m "not slow"`` never starts it. On an xdist worker, the demo run's
+    modules are collected first (the scheduler hands out modules in collection order)."""
     for item in items:
         if "demo_run" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.slow)
+            if _module(item.nodeid) not in DEMO_RUN_MODULES:
+                raise pytest.UsageError(
+                    f"{item.nodeid} reads demo_run: add its module to DEMO_RUN_MODULES"
+                )
+    if hasattr(config, "workerinput"):
+        items.sort(key=lambda item: _module(item.nodeid) not in DEMO_RUN_MODULES)
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """pytest-xdist's scheduling by module, with the demo run's modules as one unit, in
+    collection order. (Its own ``--dist loadgroup`` does not group under pytest 9.2: it renames
+    node ids, which pytest 9 no longer lets a plugin do.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByModule(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = _module(nodeid)
+            return "demo_run" if module in DEMO_RUN_MODULES else module
+
+    config.option.loadscopereorder = False  # collection order: the demo run first
+    return ByModule(config, log)
 
 
 @pytest.fixture(scope="session")
@@ -74,8 +112,9 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory) -> DemoRun:
     embedded store): built once per session, shared by the DVC test (its outputs are the ones
     dvc.lock records), the model-quality tests (tests/model), the registry tests and the secret
     scan. It runs with a random canary value in each of SECRET_VARS, as a user's shell may hold
-    real ones. (Not in the background while other tests run: on 2 cores, torch's threads in
-    both make each several times slower.)"""
+    real ones. (Under xdist it runs on one worker while the other runs the rest: `make test`
+    gives each process one torch thread, as two workers' threads on 2 cores would otherwise
+    make each several times slower.)"""
     from helpers import BIN, fresh_clone, sh
 
     clone = fresh_clone(tmp_path_factory.mktemp("demo_run") / "clone")
