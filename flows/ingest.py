@@ -30,6 +30,19 @@ def _check(params: Any, batch: str) -> Any:
         return Failed(message=str(exc).splitlines()[0], data=exc)
 
 
+def start_retrain(params_path: str, overrides: list[str]) -> str:
+    """Queue a run of the ``rlhf-retrain`` deployment (a worker picks it up) with this
+    ingestion's params file and overrides, not the deployment's defaults; its flow run id."""
+    from prefect.deployments import run_deployment
+
+    run = run_deployment(
+        RETRAIN_DEPLOYMENT,
+        parameters={"params_path": params_path, "overrides": list(overrides)},
+        timeout=0,
+    )
+    return str(run.id)
+
+
 @flow(name="rlhf_ingest")
 def rlhf_ingest(
     batch: str,
@@ -57,10 +70,7 @@ def rlhf_ingest(
         push_task = task(ingest.push, name="push", retries=3, retry_delay_seconds=[5, 10, 20])
         result["pushed"] = push_task(params)
     if retrain and result["added"]:
-        from prefect.deployments import run_deployment
-
-        run = run_deployment(RETRAIN_DEPLOYMENT, timeout=0)  # queued; a worker picks it up
-        result["retrain_flow_run"] = str(run.id)
+        result["retrain_flow_run"] = start_retrain(params_path, overrides or [])
     print(
         f"ingested {batch}: {result['added']} new pair(s), {result['duplicates']} already in the "
         f"data; data.dvc md5 {result['md5']}"
