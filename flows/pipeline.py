@@ -31,7 +31,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.concurrency.sync import concurrency
 from prefect.states import Completed, Failed, State
 
-from flows import reports
+from flows import logs, reports
 from flows.api import server_api
 from rlhf_tasks import environment, preflight
 from rlhf_tasks.config import DEFAULT_PARAMS, Params, load_params
@@ -50,8 +50,7 @@ def _stage_task(name: str, params: Params) -> Any:
         _run_unless_cached,
         name=name,
         task_run_name=name,
-        # Prints stay prints: log_prints would swap out `print`, and libraries that capture
-        # stdout (dill, under datasets' fingerprinting) would spill into the log.
+        # Prints reach Prefect's log through flows/logs.py, not log_prints (see there).
         log_prints=False,
         cache_policy=NO_CACHE,  # DVC decides what is unchanged (_run_unless_cached), not Prefect
         timeout_seconds=orch.timeouts.get(name),
@@ -63,7 +62,8 @@ def _stage_task(name: str, params: Params) -> Any:
 def _run_unless_cached(name: str, params: Params, parent_run_id: str) -> Any:
     if params.orchestration.cache and is_cached(name, params):
         return Completed(name="Cached", data=cached_result(name), message="unchanged (DVC)")
-    return _run_with_slots(name, params, parent_run_id)
+    with logs.stage_output():  # what the stage prints, in the run's Prefect log too
+        return _run_with_slots(name, params, parent_run_id)
 
 
 def _run_with_slots(name: str, params: Params, parent_run_id: str) -> Any:

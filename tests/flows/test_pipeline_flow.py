@@ -36,6 +36,17 @@ def dvc_project(project: Path) -> Path:
     return project
 
 
+def _log_lines(state) -> list[str]:
+    """The flow run's log lines in Prefect's API, after the queued ones have been sent."""
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all()
+    flow_run = LogFilterFlowRunId(any_=[state.state_details.flow_run_id])
+    with get_client(sync_client=True) as client:
+        return [log.message for log in client.read_logs(LogFilter(flow_run_id=flow_run))]
+
+
 def _set_params(project: Path, overrides: list[str]) -> None:
     params = yaml.safe_load((project / "params.yaml").read_text())
     for override in overrides:
@@ -76,6 +87,12 @@ def test_flow_runs_every_stage_in_order_and_dvc_records_it(dvc_project: Path, rl
     assert "Champion vs challenger" in report and "rlhf-demo-policy version 1" in report
     assert "## Sample generations" in report and "## MLflow runs" in report
     assert _artifacts(state, "policy-progress")[-1].data == 100.0
+    # What the stages printed is in the flow run's Prefect log (a worker's stdout is read by
+    # nobody): the gate's verdict, the rows a trainer kept, the promotion decision.
+    logged = _log_lines(state)
+    assert any(line.startswith("Validation gate PASSED") for line in logged), logged
+    assert any(line.startswith("sft: trains on 160 of 160 rows") for line in logged), logged
+    assert any(line.startswith("rlhf-demo-policy version 1:") for line in logged), logged
     with get_client(sync_client=True) as client:
         assert client.read_global_concurrency_limit_by_name("gpu").limit == 1
         assert client.read_global_concurrency_limit_by_name("promotion").limit == 1

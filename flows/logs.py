@@ -1,0 +1,91 @@
+"""What a stage prints for its user, in the Prefect run's log too.
+
+A stage tells its user what happened with ``print``: the gate's verdict with ``file:line``
+examples, the rows each trainer keeps, the trainers' loss lines (every ``logging_steps``), the
+promotion decision. Under a worker that output goes to the worker's stdout, where nobody looks;
+``stage_output()`` also sends each line of it to the Prefect API as a log of the running task, so
+the UI and ``prefect flow-run logs`` show it. The console still shows it once: the lines go to
+the API through a logger of their own that has only Prefect's API handler (Prefect's console
+handler would print each twice).
+
+Prefect's own ``log_prints`` is not used: it replaces ``print`` for the whole task, and output
+that a library captures (dill's, under datasets' fingerprinting) would reach the log too. Here
+only what reaches ``sys.stdout`` does. Progress bars (tqdm writes to stderr) stay on the console.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import sys
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+LOGGER = "rlhf.stage_output"  # the name Prefect's log shows for these lines
+
+
+def _api_logger() -> logging.Logger:
+    from prefect.logging.handlers import APILogHandler
+
+    logger = logging.getLogger(LOGGER)
+    if not any(isinstance(h, APILogHandler) for h in logger.handlers):
+        logger.addHandler(APILogHandler())
+    logger.setLevel(logging.INFO)
+    logger.propagate = False  # not to the console handlers of the root or Prefect's loggers
+    return logger
+
+
+class _Tee(io.TextIOBase):
+    """A text stream that writes to ``stream`` and logs each complete non-empty line."""
+
+    def __init__(self, stream: Any, logger: logging.Logger) -> None:
+        self._stream, self._logger = stream, logger
+        self._partial = ""
+        self._lock = threading.Lock()
+
+    def write(self, text: str) -> int:
+        written = self._stream.write(text)
+        with self._lock:
+            *lines, self._partial = (self._partial + text).split("\n")
+        for line in lines:
+            self._log(line)
+        return written if written is not None else len(text)
+
+    def _log(self, line: str) -> None:
+        line = line.rstrip("\r")
+        if line.strip():
+            self._logger.info(line)
+
+    def finish(self) -> None:
+        with self._lock:
+            rest, self._partial = self._partial, ""
+        self._log(rest)
+
+    def flush(self) -> None:
+        self._stream.flush()
+
+    def isatty(self) -> bool:
+        return self._stream.isatty()
+
+    def fileno(self) -> int:
+        return self._stream.fileno()
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return getattr(self._stream, "encoding", "utf-8")
+
+
+@contextlib.contextmanager
+def stage_output() -> Iterator[None]:
+    """While it is open, each line written to ``sys.stdout`` is also a log of the current
+    Prefect task run (its INFO level)."""
+    tee = _Tee(sys.stdout, _api_logger())
+    previous, sys.stdout = sys.stdout, tee
+    try:
+        yield
+    finally:
+        if sys.stdout is tee:
+            sys.stdout = previous
+        tee.finish()
