@@ -470,7 +470,9 @@ def load_params(path: str | Path = DEFAULT_PARAMS, overrides: list[str] | None =
             raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     else:
         raise ConfigError(
-            f"{path}: no such file. Run from the project directory or pass --params PATH."
+            f"{path}: no such file (in {Path.cwd()}). Run from the project directory or pass "
+            "--params PATH; for a deployment run, -p params_path=PATH (relative to the "
+            "directory `prefect deploy` ran in)."
         )
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")

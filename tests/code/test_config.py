@@ -89,9 +89,10 @@ def test_values_from_a_file_override_the_defaults(tmp_path: Path):
     assert params.demo.heldout_fraction == 0.3
 
 
-def test_missing_file_is_a_config_error(tmp_path: Path):
-    with pytest.raises(ConfigError, match=r"nope\.yaml"):
+def test_missing_file_is_a_config_error_with_advice_for_the_cli_and_a_deployment(tmp_path: Path):
+    with pytest.raises(ConfigError, match=r"nope\.yaml: no such file") as info:
         load_params(tmp_path / "nope.yaml")
+    assert "--params PATH" in str(info.value) and "-p params_path=PATH" in str(info.value)
 
 
 def test_invalid_yaml_is_a_config_error(tmp_path: Path):
