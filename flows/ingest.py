@@ -11,12 +11,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefect import flow, task
+from prefect import flow, get_run_logger, task
 from prefect.states import Failed, State
 
-from flows import reports
-from rlhf_tasks import environment, ingest
+from flows import logs, reports
+from rlhf_tasks import environment, ingest, projectlock
 from rlhf_tasks.config import DEFAULT_PARAMS, load_params
+from rlhf_tasks.errors import UserError
 
 RETRAIN_DEPLOYMENT = "rlhf_pipeline/rlhf-retrain"
 
@@ -53,7 +54,25 @@ def rlhf_ingest(
     retrain: bool = False,
 ) -> dict[str, Any] | State:
     environment.set_defaults()  # a worker runs this flow without the `rlhf` command
-    params = load_params(params_path, overrides or [])
+    try:
+        params = load_params(params_path, overrides or [])
+        # Not while a retraining reads the data (flows/pipeline.py): a worker's run waits.
+        wait_s, say = params.orchestration.slot_timeout_s, get_run_logger().info
+        with projectlock.hold("the flow rlhf_ingest", wait_s, say):
+            return _ingest(params, params_path, overrides or [], batch, commit, push, retrain)
+    except UserError as exc:
+        return logs.user_failure(exc)
+
+
+def _ingest(
+    params: Any,
+    params_path: str,
+    overrides: list[str],
+    batch: str,
+    commit: bool,
+    push: bool,
+    retrain: bool,
+) -> dict[str, Any] | State:
     state = task(_check, name="check", log_prints=True)(params, batch, return_state=True)
     if state.is_failed():
         for part in ("batch", "merged"):
@@ -70,7 +89,7 @@ def rlhf_ingest(
         push_task = task(ingest.push, name="push", retries=3, retry_delay_seconds=[5, 10, 20])
         result["pushed"] = push_task(params)
     if retrain and result["added"]:
-        result["retrain_flow_run"] = start_retrain(params_path, overrides or [])
+        result["retrain_flow_run"] = start_retrain(params_path, overrides)
     print(
         f"ingested {batch}: {result['added']} new pair(s), {result['duplicates']} already in the "
         f"data; data.dvc md5 {result['md5']}"

@@ -23,6 +23,10 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
+from prefect.states import Failed, State
+
+from rlhf_tasks.errors import UserError
+
 LOGGER = "rlhf.stage_output"  # the name Prefect's log shows for these lines
 
 
@@ -89,3 +93,10 @@ def stage_output() -> Iterator[None]:
         if sys.stdout is tee:
             sys.stdout = previous
         tee.finish()
+
+
+def user_failure(exc: UserError) -> State:
+    """A failed state for a user's mistake (bad data, bad config, a busy project): its message,
+    without the traceback Prefect would log for an exception, which tells the user nothing
+    more. The ``rlhf`` command raises ``exc`` again from the state's data (its exit code)."""
+    return Failed(message=f"{type(exc).__name__}: {exc}", data=exc)

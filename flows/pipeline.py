@@ -26,14 +26,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, task
+from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.concurrency.sync import concurrency
-from prefect.states import Completed, Failed, State
+from prefect.states import Completed
 
 from flows import logs, reports
 from flows.api import server_api
-from rlhf_tasks import environment, preflight
+from rlhf_tasks import environment, preflight, projectlock
 from rlhf_tasks.config import DEFAULT_PARAMS, Params, load_params
 from rlhf_tasks.errors import ConfigError, UserError
 from rlhf_tasks.runner import cached_result, is_cached, run_stage
@@ -70,13 +70,7 @@ def _run_with_slots(name: str, params: Params, parent_run_id: str) -> Any:
     try:
         return _run_in_slot(name, params, parent_run_id)
     except UserError as exc:
-        return _user_failure(exc)
-
-
-def _user_failure(exc: UserError) -> State:
-    """A failed state for a user's mistake (bad data, bad config): its message, without the
-    traceback Prefect would log for an exception, which tells the user nothing more."""
-    return Failed(message=f"{type(exc).__name__}: {exc}", data=exc)
+        return logs.user_failure(exc)
 
 
 def _run_in_slot(name: str, params: Params, parent_run_id: str) -> dict[str, Any]:
@@ -125,11 +119,19 @@ def rlhf_pipeline(
     try:
         return _pipeline(params_path, overrides)
     except UserError as exc:
-        return _user_failure(exc)
+        return logs.user_failure(exc)
 
 
 def _pipeline(params_path: str, overrides: list[str] | None) -> dict[str, Any]:
     params = load_params(params_path, overrides or [])
+    # One run or ingestion at a time in this project: a worker's run waits its turn (the
+    # `rlhf` command holds the lock already and is refused instead).
+    wait_s, say = params.orchestration.slot_timeout_s, get_run_logger().info
+    with projectlock.hold("the flow rlhf_pipeline", wait_s, say):
+        return _stages(params, params_path)
+
+
+def _stages(params: Params, params_path: str) -> dict[str, Any]:
     unknown = set(params.orchestration.timeouts) - set(STAGES)
     if unknown:
         raise ConfigError(f"orchestration.timeouts: no such stage(s): {', '.join(sorted(unknown))}")

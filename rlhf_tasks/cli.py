@@ -24,21 +24,18 @@ did not answer). A user mistake prints one message, never a traceback.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import filecmp
 import json
 import os
 import shutil
 import sys
 import tempfile
-import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from rlhf_tasks import environment
+from rlhf_tasks import environment, projectlock
 from rlhf_tasks.config import DEFAULT_PARAMS, Params, load_params
-from rlhf_tasks.errors import BusyError, ConfigError, DataError, UserError
+from rlhf_tasks.errors import ConfigError, DataError, UserError
 from rlhf_tasks.metrics import metrics_table
 from rlhf_tasks.runner import run_stage
 from rlhf_tasks.stages import STAGES
@@ -253,38 +250,6 @@ def cmd_stage(args: argparse.Namespace, params: Params) -> int:
     return 0
 
 
-LOCK = Path("artifacts/.run.lock")
-
-
-@contextlib.contextmanager
-def project_lock(command: str) -> Iterator[None]:
-    """One ``rlhf run`` or ``rlhf ingest`` at a time per project: a second one is refused at once
-    (BusyError) rather than racing on artifacts/, data/ and the registry's aliases. The lock is
-    the OS's (flock), so a killed run never leaves it behind."""
-    import fcntl
-
-    LOCK.parent.mkdir(parents=True, exist_ok=True)
-    with LOCK.open("a+") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.seek(0)
-            holder = fh.read().strip() or "another process"
-            raise BusyError(
-                f"{holder} is running in this project ({LOCK}); wait for it to finish, or run "
-                "from another checkout"
-            ) from None
-        fh.seek(0)
-        fh.truncate()
-        fh.write(f"`rlhf {command}` (pid {os.getpid()}, started {time.strftime('%H:%M:%S')})")
-        fh.flush()
-        try:
-            yield
-        finally:
-            fh.seek(0)
-            fh.truncate()
-
-
 def _failed(state: Any, what: str) -> bool:
     """A flow run's final state: a user's mistake is raised (its message and exit code), any
     other failure printed; True if the run failed."""
@@ -304,7 +269,7 @@ def cmd_run(args: argparse.Namespace, params: Params) -> int:
 
     # A mistake in the params stops the run here, before it takes the project or starts an API.
     preflight.check(params)
-    with project_lock("run"), temporary_api() as api:
+    with projectlock.hold("`rlhf run`"), temporary_api() as api:
         from flows.pipeline import rlhf_pipeline
 
         store.configure(params)  # opens (and, the first time, creates) the MLflow store
@@ -343,7 +308,7 @@ def cmd_init(args: argparse.Namespace, argv: list[str]) -> int:
 def cmd_ingest(args: argparse.Namespace) -> int:
     from flows.api import temporary_api
 
-    with project_lock("ingest"):
+    with projectlock.hold("`rlhf ingest`"):
         if not Path(args.batch).exists():
             raise ConfigError(f"{args.batch}: no such file or directory")
         with temporary_api() as api:

@@ -173,3 +173,20 @@ GOOD_EVALUATION = {
     "checks/kl_within_budget": 1.0,
     "checks/no_degeneration": 1.0,
 }
+
+
+def hold_project(seconds: float = 600) -> subprocess.Popen:
+    """Another process that holds the project for ``seconds`` (once it has printed "held")."""
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import time; from rlhf_tasks.projectlock import hold\n"
+            f"with hold('`rlhf run`'):\n    print('held', flush=True); time.sleep({seconds})\n"
+            "print('released', flush=True)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout.readline().strip() == "held"
+    return holder

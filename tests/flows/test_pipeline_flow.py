@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import FEW_STEPS, make_dvc_repo, shrink_data
+from helpers import FEW_STEPS, hold_project, make_dvc_repo, shrink_data
 from mlflow import MlflowClient
 from prefect.client.orchestration import get_client
 from prefect.testing.utilities import prefect_test_harness
@@ -211,3 +211,24 @@ def _task_states(flow_state) -> dict[str, str]:
             flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
         )
     return {run.name: run.state.name for run in runs}
+
+
+def test_a_flow_run_waits_for_the_project_and_gives_up_after_its_limit(project: Path) -> None:
+    """A flow run that a worker starts while `rlhf run` (or another run) holds the project waits
+    for it, saying so in Prefect's log, and fails with one message after
+    orchestration.slot_timeout_s (tests/reliability/test_concurrency.py: the wait that ends)."""
+    holder = hold_project()
+    try:
+        state = rlhf_pipeline(
+            params_path="params.yaml",
+            overrides=["orchestration.slot_timeout_s=1"],
+            return_state=True,
+        )
+    finally:
+        holder.kill()
+        holder.wait()
+    assert state.is_failed()
+    assert state.message.startswith("BusyError: waited 1 s"), state.message
+    assert f"`rlhf run` (pid {holder.pid}" in state.message
+    assert any(line.startswith("waiting for `rlhf run`") for line in _log_lines(state))
+    assert not Path("artifacts/validate").exists()  # nothing ran
