@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, task
 from prefect.states import Failed, State
 
 from flows import logs, reports
@@ -57,8 +57,8 @@ def rlhf_ingest(
     try:
         params = load_params(params_path, overrides or [])
         # Not while a retraining reads the data (flows/pipeline.py): a worker's run waits.
-        wait_s, say = params.orchestration.slot_timeout_s, get_run_logger().info
-        with projectlock.hold("the flow rlhf_ingest", wait_s, say):
+        wait_s = params.orchestration.slot_timeout_s
+        with projectlock.hold("the flow rlhf_ingest", wait_s, logs.say):
             return _ingest(params, params_path, overrides or [], batch, commit, push, retrain)
     except UserError as exc:
         return logs.user_failure(exc)

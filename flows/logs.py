@@ -100,3 +100,15 @@ def user_failure(exc: UserError) -> State:
     without the traceback Prefect would log for an exception, which tells the user nothing
     more. The ``rlhf`` command raises ``exc`` again from the state's data (its exit code)."""
     return Failed(message=f"{type(exc).__name__}: {exc}", data=exc)
+
+
+def say(message: str) -> None:
+    """A line for the user from a flow: the run's Prefect log (which the console shows too) in
+    a flow run; the console when the flow's function is called outside one."""
+    from prefect import get_run_logger
+    from prefect.context import FlowRunContext, TaskRunContext
+
+    if FlowRunContext.get() or TaskRunContext.get():
+        get_run_logger().info(message)
+    else:
+        print(message)

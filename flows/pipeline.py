@@ -26,7 +26,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.concurrency.sync import concurrency
 from prefect.states import Completed
@@ -124,18 +124,18 @@ def rlhf_pipeline(
 
 def _pipeline(params_path: str, overrides: list[str] | None) -> dict[str, Any]:
     params = load_params(params_path, overrides or [])
-    # One run or ingestion at a time in this project: a worker's run waits its turn (the
-    # `rlhf` command holds the lock already and is refused instead).
-    wait_s, say = params.orchestration.slot_timeout_s, get_run_logger().info
-    with projectlock.hold("the flow rlhf_pipeline", wait_s, say):
-        return _stages(params, params_path)
-
-
-def _stages(params: Params, params_path: str) -> dict[str, Any]:
     unknown = set(params.orchestration.timeouts) - set(STAGES)
     if unknown:
         raise ConfigError(f"orchestration.timeouts: no such stage(s): {', '.join(sorted(unknown))}")
     preflight.check(params)  # every stage's arguments and models, before the first stage runs
+    # One run or ingestion at a time in this project: a worker's run waits its turn (the
+    # `rlhf` command holds the lock already and is refused instead).
+    wait_s = params.orchestration.slot_timeout_s
+    with projectlock.hold("the flow rlhf_pipeline", wait_s, logs.say):
+        return _stages(params, params_path)
+
+
+def _stages(params: Params, params_path: str) -> dict[str, Any]:
     if server_api():
         _ensure_limits(params)
     results: dict[str, Any] = {}
