@@ -80,6 +80,11 @@ class _Tee(io.TextIOBase):
     def encoding(self) -> str:  # type: ignore[override]
         return getattr(self._stream, "encoding", "utf-8")
 
+    def __getattr__(self, name: str) -> Any:
+        # What else a library asks of stdout (``buffer``, ``errors``, ...) is the stream's own;
+        # bytes written to ``buffer`` reach the console only.
+        return getattr(self._stream, name)
+
 
 @contextlib.contextmanager
 def stage_output() -> Iterator[None]:
