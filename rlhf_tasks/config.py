@@ -442,6 +442,20 @@ class Params(_Section):
         return self.validate_
 
 
+def set_key(raw: dict[str, Any], key: str, value: Any, what: str | None = None) -> None:
+    """Set the dotted ``key`` (``sft.args.max_length``) of a raw params dict in place, making
+    the sections on the way; ``what`` names the change in the error when a part of the path is
+    a value, not a section."""
+    node = raw
+    *parents, leaf = key.strip().split(".")
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{what or repr(key)}: {part!r} is not a section")
+        node = child
+    node[leaf] = value
+
+
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply DVC-style ``section.key=value`` overrides to a raw params dict (a copy)."""
     result = yaml.load(yaml.safe_dump(raw), Loader=YamlLoader) or {}
@@ -449,14 +463,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. validate.min_rows=50")
-        node = result
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ConfigError(f"override {item!r}: {part!r} is not a section")
-            node = child
-        node[parts[-1]] = yaml.load(value, Loader=YamlLoader)
+        set_key(result, key, yaml.load(value, Loader=YamlLoader), f"override {item!r}")
     return result
 
 

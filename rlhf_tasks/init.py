@@ -33,7 +33,7 @@ from typing import Any
 
 import yaml
 
-from rlhf_tasks.config import DEFAULT_PARAMS, ModelConfig, load_params
+from rlhf_tasks.config import DEFAULT_PARAMS, ModelConfig, load_params, set_key
 from rlhf_tasks.errors import ConfigError
 from rlhf_tasks.formats import prompt_messages
 from rlhf_tasks.models import check_model_location, load_tokenizer
@@ -54,6 +54,7 @@ class DataSet:
     rows: int
     formats: list[str]
     heldout: bool = False  # a DatasetDict's held-out split
+    frame: Any = field(default=None, repr=False)  # its records, read once
 
 
 @dataclass
@@ -115,7 +116,7 @@ def _read(paths: list[str]) -> list[DataSet]:
                     "data, or see `rlhf validate PATH`"
                 )
             formats = sorted(set(ds.frame["_format"].dropna()))
-            found.append(DataSet(path, ds.kind, len(ds.frame), formats, heldout))
+            found.append(DataSet(path, ds.kind, len(ds.frame), formats, heldout, ds.frame))
     return found
 
 
@@ -180,7 +181,6 @@ def _fit(lengths: list[int], ceiling: int) -> tuple[int, float]:
 def _lengths(tokenizer: Any, roles: dict[str, DataSet]) -> dict[str, list[int]]:
     """Token lengths as the stages render them: SFT conversations, the longer of each pair,
     prompts with the generation prompt, and responses (chosen) on their own."""
-    from rlhf_tasks import data
 
     def tokens(chats: list[list[dict[str, str]]], generation: bool = False) -> list[int]:
         return [
@@ -192,13 +192,8 @@ def _lengths(tokenizer: Any, roles: dict[str, DataSet]) -> dict[str, list[int]]:
             for c in chats
         ]
 
-    def frame(role: str, kind: str):
-        ds = roles[role]
-        return data.load([ds.path], kind, heldout=ds.heldout).frame
-
-    sft = frame("sft_train", "sft")
-    pairs = frame("preferences_train", "preferences")
-    prompts = frame("prompts_rl", "prompts")
+    # The records _read kept (prompts_rl may be the preference pairs: their prompt column).
+    sft, pairs, prompts = (roles[r].frame for r in ("sft_train", "preferences_train", "prompts_rl"))
 
     def chats(frame: Any, responses: str) -> list[list[dict[str, str]]]:
         return [
@@ -320,16 +315,6 @@ def _gpu_has_bf16() -> bool:
     return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
 
 
-def _apply(raw: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
-    for key, value in changes.items():
-        *parents, leaf = key.split(".")
-        node = raw
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return raw
-
-
 def write(model: str, paths: list[str], out: Path, force: bool, argv: list[str]) -> Plan:
     """Plan, then write the params file ``out`` (refused if it exists, unless ``force``), and
     check that it loads."""
@@ -341,7 +326,9 @@ def write(model: str, paths: list[str], out: Path, force: bool, argv: list[str])
         )
     template = TEMPLATE if TEMPLATE.exists() else Path(DEFAULT_PARAMS)
     raw = yaml.safe_load(template.read_text(encoding="utf-8"))
-    text = yaml.safe_dump(_apply(raw, found.changes), sort_keys=False, width=100)
+    for key, value in found.changes.items():
+        set_key(raw, key, value)
+    text = yaml.safe_dump(raw, sort_keys=False, width=100)
     header = [
         f"# Written by `rlhf init {' '.join(argv)}` on {datetime.date.today()}.",
         "# What it found and chose:",
