@@ -28,19 +28,11 @@ FOLLOW_UPS = ["Tell me more.", "Why is that?", "Anything else?"]
 
 
 def _tokenizer(texts: list[str], specials: list[str], vocab: int, **kwargs):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab,
-        special_tokens=specials,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(texts, trainer=trainer)
+    from rlhf_tasks.base_model import train_bpe
+
+    tok = train_bpe(texts, vocab, specials)
     return PreTrainedTokenizerFast(tokenizer_object=tok, padding_side="right", **kwargs)
 
 
