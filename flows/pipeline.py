@@ -145,6 +145,8 @@ def _stages(params: Params, params_path: str) -> dict[str, Any]:
             if state.is_failed() and name == "validate":
                 reports.validation_artifact(Path(STAGES["validate"].outputs["report"].path))
             results[name] = state.result()  # raises: a failed stage fails the flow here
+            if name == "validate":  # the version the run is pinned to (rlhf_tasks/dataversion.py)
+                runs.tag_data_version(parent.info.run_id, params)
             if state.name == "Cached":
                 runs.note_cached(name)
         reports.evaluation_artifact(results, parent.info.run_id)

@@ -120,7 +120,7 @@ def register(
     report = _read(io.inputs["validation"], "validate")
     tags = {
         key: value
-        for key, value in lineage.lineage(params).items()
+        for key, value in lineage.lineage(params, runs.validated_version(params)).items()
         if key.startswith("rlhf.")  # mlflow.* tags belong to runs
     }
     tags["rlhf.validation"] = "passed" if report.get("valid") else "failed"

@@ -55,6 +55,7 @@ from typing import Any
 
 import pandas as pd
 
+from rlhf_tasks import dataversion
 from rlhf_tasks.config import Params, ValidateConfig
 from rlhf_tasks.data import AUTO, Dataset, KeyIndex, Reading, iter_chunks, write_jsonl
 from rlhf_tasks.errors import ConfigError, DataError
@@ -701,9 +702,16 @@ class ValidationFailed(DataError):
 def run(params: Params, io: StageIO) -> dict[str, Any]:
     """The ``validate`` stage: run the gate on params.yaml's data, print the summary, and raise
     ValidationFailed (after writing the report) when the data must not reach training. The only
-    writer of the stage's outputs: ``rlhf validate PATH`` and ``rlhf ingest`` check elsewhere."""
+    writer of the stage's outputs: ``rlhf validate PATH`` and ``rlhf ingest`` check elsewhere.
+
+    The version of the data it read is pinned with the validated copies (``version.json``): the
+    stages after it read those copies and are tagged with that version."""
+    version = dataversion.data_version(params)
     report, result = validate(params, out_dir=io.workdir)
     print(summary(report, result["outputs"]))
+    if report.valid:
+        dataversion.unchanged_since(version, params)
+        dataversion.pin(version, io.outputs["data"])
     if not report.valid:
         failed = ", ".join(sorted({f"{c.dataset}/{c.check}" for c in report.failed}))
         lines = [f"validation gate failed ({failed}); nothing downstream ran."]

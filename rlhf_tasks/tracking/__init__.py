@@ -5,7 +5,9 @@ code and parameters that made it:
 
     rlhf.git_commit, rlhf.git_dirty   the code (also as MLflow's own mlflow.source.git.commit)
     rlhf.data_md5                     the data version: the md5 of the .dvc file (data.dvc) that
-                                      tracks every file read; else DVC's hash of the files read
+                                      tracks every file read; else DVC's hash of the files read.
+                                      After the gate, the version it read and pinned with its
+                                      copies (``rlhf_tasks/dataversion.py``)
     rlhf.data_dvc_tracked             whether DVC versions that data (a warning when it does not)
     rlhf.data_paths                   the data files and directories params' ``data`` names
     rlhf.dvc_remote                   where DVC stores that version (the default remote's URL)

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import json
 import subprocess
 import sys
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 from rlhf_tasks.config import Params
+from rlhf_tasks.dataversion import DataVersion, data_version
 from rlhf_tasks.tracking.store import redact_url
 
 
@@ -26,102 +25,6 @@ def _git(*args: str) -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip()
-
-
-@dataclass(frozen=True)
-class DataVersion:
-    """The version of the data a run read.
-
-    ``md5``: when every file read lies in one DVC-tracked directory or file (a ``.dvc`` file in
-    the project, such as ``data.dvc``) that matches its record, that record's md5, so that
-    ``dvc checkout`` of it restores the data. Otherwise DVC's hash of the files read themselves
-    (a directory hash over their paths relative to their common parent and their md5s), and
-    ``tracked`` is false: the run can say what it read, not where to get it back.
-    """
-
-    md5: str
-    tracked: bool
-    paths: tuple[str, ...]
-    remote: str
-    why_untracked: str = ""
-
-
-def data_version(params: Params) -> DataVersion:
-    """The version of the files params' ``data`` section names (see ``DataVersion``)."""
-    files = _files_read(params)
-    signature = tuple((str(f), *_stat(f)) for f in files)
-    # Each location once: a file may serve two roles (prompts_rl: the preference pairs' prompts).
-    return _data_version(tuple(dict.fromkeys(params.data.roles().values())), signature)
-
-
-def _stat(path: Path) -> tuple[int, int]:
-    stat = path.stat()
-    return stat.st_size, stat.st_mtime_ns
-
-
-def _files_read(params: Params) -> list[Path]:
-    files: list[Path] = []
-    for location in params.data.roles().values():
-        path = Path(location)
-        if path.is_dir():
-            files += sorted(p for p in path.rglob("*") if p.is_file())
-        elif path.is_file():
-            files.append(path)
-    return sorted({f.resolve() for f in files})
-
-
-@functools.lru_cache(maxsize=8)
-def _data_version(
-    paths: tuple[str, ...], signature: tuple[tuple[str, int, int], ...]
-) -> DataVersion:
-    files = [Path(entry[0]) for entry in signature]
-    remote = _remote()
-    if not files:
-        return DataVersion("none", False, paths, remote, "no data files found")
-    out, why = _tracking_output(files)
-    if out is not None:
-        return DataVersion(out, True, paths, remote)
-    return DataVersion(_tree_md5(files), False, paths, remote, why)
-
-
-def _tracking_output(files: list[Path]) -> tuple[str | None, str]:
-    """(md5 of the DVC output holding every file, "") if there is one and the workspace matches
-    it; (None, why not) otherwise."""
-    try:
-        from dvc.repo import Repo
-
-        repo = Repo(".")
-    except Exception:  # not a DVC project
-        return None, "this project is not a DVC repository"
-    with repo:
-        for out in repo.index.outs:
-            root = Path(out.fs_path).resolve()
-            if out.stage.is_data_source and all(f == root or root in f.parents for f in files):
-                if out.changed_checksum():
-                    return None, (
-                        f"{out} differs from its record in {out.stage.relpath}: run `dvc add "
-                        f"{out}` (and commit {out.stage.relpath}) or `dvc checkout {out}`"
-                    )
-                return str(out.hash_info.value), ""
-    return None, "no .dvc file tracks all of them: `dvc add` the data to version it"
-
-
-def _tree_md5(files: list[Path]) -> str:
-    """DVC's hash of a directory, over ``files`` relative to their common parent."""
-    import os
-
-    from dvc_data.hashfile.hash import file_md5
-    from dvc_data.hashfile.hash_info import HashInfo
-    from dvc_data.hashfile.meta import Meta
-    from dvc_data.hashfile.tree import Tree
-
-    parent = Path(os.path.commonpath([str(f.parent) for f in files]))
-    tree = Tree()
-    for f in files:
-        key = f.relative_to(parent).parts
-        tree.add(key, Meta(size=f.stat().st_size), HashInfo("md5", file_md5(str(f))))
-    tree.digest()
-    return str(tree.hash_info.value)
 
 
 def _remote() -> str:
@@ -165,7 +68,7 @@ def lineage(params: Params, data: DataVersion | None = None) -> dict[str, str]:
         "rlhf.data_md5": data.md5,
         "rlhf.data_dvc_tracked": str(data.tracked).lower(),
         "rlhf.data_paths": json.dumps(list(data.paths)),
-        "rlhf.dvc_remote": data.remote,
+        "rlhf.dvc_remote": _remote(),
         "rlhf.params_hash": params_hash(params),
         "mlflow.source.git.commit": commit,
     }

@@ -11,9 +11,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from rlhf_tasks import dataversion
 from rlhf_tasks.config import Params
-from rlhf_tasks.stages import ARTIFACTS, Stage
-from rlhf_tasks.tracking.lineage import DataVersion, data_version, lineage
+from rlhf_tasks.dataversion import DataVersion, data_version
+from rlhf_tasks.stages import ARTIFACTS, STAGES, Stage
+from rlhf_tasks.tracking.lineage import lineage
 from rlhf_tasks.tracking.logged_models import log_model
 from rlhf_tasks.tracking.store import (
     configure,
@@ -113,6 +115,32 @@ def pipeline_run(params: Params, params_file: str | Path | None = None) -> Itera
             yield run
 
 
+def data_read(stage: Stage, params: Params) -> DataVersion:
+    """The version of the data ``stage`` reads. A stage after the gate reads the gate's
+    validated copies: the version the gate pinned with them (``rlhf_tasks/dataversion.py``),
+    whatever ``data/`` holds now. The gate, and a stage before it, read the files themselves."""
+    return validated_version(params) if "validate" in stage.upstream() else data_version(params)
+
+
+def validated_version(params: Params) -> DataVersion:
+    """The version the gate's validated copies were made from (the files' own, for copies made
+    before the gate pinned one)."""
+    pinned = dataversion.pinned(Path(STAGES["validate"].outputs["data"].path))
+    return pinned if pinned is not None else data_version(params)
+
+
+def tag_data_version(run_id: str, params: Params) -> None:
+    """Tag a pipeline's parent run with the version its gate pinned (the data may have changed
+    between the run's start and its gate)."""
+    from mlflow import MlflowClient
+
+    data = validated_version(params)
+    client = MlflowClient()
+    with server_errors("the pipeline's MLflow run"):
+        client.set_tag(run_id, "rlhf.data_md5", data.md5)
+        client.set_tag(run_id, "rlhf.data_dvc_tracked", str(data.tracked).lower())
+
+
 def _log_inputs(stage: Stage, params: Params, data: DataVersion) -> None:
     """The data sets the stage reads, as MLflow inputs: the files of params' ``data`` section
     they were validated from, with the data version as digest."""
@@ -172,7 +200,7 @@ def _stage_run(stage: Stage, params: Params, parent_run_id: str | None) -> Itera
     name = stage.name
     configure(params)
     started = time.time()
-    data = data_version(params)
+    data = data_read(stage, params)
     tags = {**lineage(params, data), "rlhf.stage": name}
     upstream = {}
     for other in stage.upstream():

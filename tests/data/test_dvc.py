@@ -161,7 +161,9 @@ def test_runs_record_the_version_of_the_data_they_read(
     """rlhf.data_md5 is the md5 of the .dvc file that tracks the files read, when they are in the
     version it records; else DVC's hash of the files themselves, tagged untracked, with a
     warning."""
-    from rlhf_tasks.tracking.lineage import UntrackedDataWarning, data_version, lineage
+    from rlhf_tasks.dataversion import data_version, unchanged_since
+    from rlhf_tasks.errors import DataError
+    from rlhf_tasks.tracking.lineage import UntrackedDataWarning, lineage
 
     repo = _git_dvc_repo(tmp_path / "repo")
     shutil.copytree(demo_root / "data", repo / "data")
@@ -196,6 +198,12 @@ def test_runs_record_the_version_of_the_data_they_read(
     train.write_text(train.read_text()[:-200])
     changed = data_version(params)
     assert not changed.tracked and "differs from its record in data.dvc" in changed.why_untracked
+
+    # The gate pins the version it read; a write while it reads fails it (its copies would mix two
+    # versions).
+    train.write_text(train.read_text() + "\n")
+    with pytest.raises(DataError, match="the data changed while the gate read it"):
+        unchanged_since(changed, params)
 
 
 # -- `rlhf data demo` does not overwrite data silently ------------------------------------------

@@ -14,7 +14,9 @@ from prefect.client.orchestration import get_client
 from prefect.testing.utilities import prefect_test_harness
 
 from flows.pipeline import rlhf_pipeline
-from rlhf_tasks import lockfile
+from rlhf_tasks import lockfile, policy
+from rlhf_tasks.config import load_params
+from rlhf_tasks.dataversion import data_version
 from rlhf_tasks.stages import STAGES
 
 pytestmark = pytest.mark.slow
@@ -59,10 +61,13 @@ def _set_params(project: Path, overrides: list[str]) -> None:
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-def test_flow_runs_every_stage_in_order_and_dvc_records_it(dvc_project: Path, rlhf) -> None:
+def test_flow_runs_every_stage_in_order_and_dvc_records_it(
+    dvc_project: Path, rlhf, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """One flow run: every stage in order, each recorded in dvc.lock (dvc status is clean).
     Then what DVC finds unchanged is Cached: same inputs, every stage but promote; a changed
-    ppo param, policy and the stages after it; a deleted output, its stage. A change to
+    ppo param, policy and the stages after it (tagged with the data version its gate read, though
+    the data changes as it trains); a deleted output, its stage. A change to
     reward.py changes every stage whose code imports it. A check of a file leaves it all."""
     project = dvc_project
     state = rlhf_pipeline(params_path="params.yaml", return_state=True)
@@ -115,12 +120,38 @@ def test_flow_runs_every_stage_in_order_and_dvc_records_it(dvc_project: Path, rl
     client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
     assert len(client.search_model_versions("name = 'rlhf-demo-policy'")) == 1
 
+    # One data version per run: data that changes while a run trains (an ingest, a `git pull`)
+    # is the next run's. This run's stages and its models name the version its gate read.
+    pinned = json.loads((project / "artifacts/validate/data/version.json").read_text())["md5"]
+    train = project / "data/preferences/train.jsonl"
+    original = train.read_text()
+
+    def policy_while_the_data_changes(params, io):
+        train.write_text(original + original.splitlines()[0] + "\n")
+        return real_policy(params, io)
+
+    real_policy = policy.run
+    monkeypatch.setattr(policy, "run", policy_while_the_data_changes)
     _set_params(project, ["ppo.ppo_epochs=2"])
     third = rlhf_pipeline(params_path="params.yaml", return_state=True)
     assert third.is_completed(), third.message
     ran = {name for name, state in _task_states(third).items() if state == "Completed"}
     assert ran == {"policy", "evaluate", "promote"}, _task_states(third)
-    assert len(client.search_model_versions("name = 'rlhf-demo-policy'")) == 2
+    monkeypatch.setattr(policy, "run", real_policy)
+    assert data_version(load_params("params.yaml")).md5 != pinned  # the data did change
+    flow_run = third.state_details.flow_run_id
+    tagged = {
+        r.info.run_name: r.data.tags["rlhf.data_md5"]
+        for r in client.search_runs(
+            [client.get_experiment_by_name("rlhf").experiment_id],
+            f"tags.`rlhf.prefect_flow_run_id` = '{flow_run}'",
+        )
+    }
+    assert tagged == dict.fromkeys(["rlhf_pipeline", "policy", "evaluate", "promote"], pinned)
+    versions = client.search_model_versions("name = 'rlhf-demo-policy'")
+    assert len(versions) == 2
+    assert {v.tags["rlhf.data_md5"] for v in versions} == {pinned}
+    train.write_text(original)
     assert lockfile.status() == {}
 
     shutil.rmtree(project / "artifacts/sft/model")  # an output DVC recorded is gone
