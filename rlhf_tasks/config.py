@@ -365,6 +365,7 @@ class EvaluateSection(_Section):
     samples_per_prompt: int = Field(2, gt=0)
     max_new_tokens: int = Field(40, gt=0)
     temperature: float = Field(0.7, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)  # nucleus sampling (1: off)
     batch_size: int = Field(64, gt=0)
     report_examples: int = Field(12, ge=0)  # prompts shown side by side in report.md
     seed: int = 0

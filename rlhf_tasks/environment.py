@@ -25,8 +25,17 @@ PRIVACY = {
 ASYNC_LOGGING = {"MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS": "1"}
 
 
+# No progress bar for loading or saving a model (transformers draws one per load: dozens a run,
+# for models that load in milliseconds) nor for hub downloads; the trainers' bars (tqdm's own)
+# stay. Read when transformers is imported: the entry points set it before.
+QUIET_LOADING = {
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+}
+
+
 def set_defaults() -> None:
-    """Set the privacy defaults and MLflow's HTTP retry and async-logging defaults where the
-    user set none."""
-    for var, value in {**PRIVACY, **HTTP_DEFAULTS, **ASYNC_LOGGING}.items():
+    """Set the privacy defaults, MLflow's HTTP retry and async-logging defaults and quiet model
+    loading where the user set none."""
+    for var, value in {**PRIVACY, **HTTP_DEFAULTS, **ASYNC_LOGGING, **QUIET_LOADING}.items():
         os.environ.setdefault(var, value)

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from rlhf_tasks import demo, reward
+from rlhf_tasks import demo, reward, serving
 from rlhf_tasks.config import HELDOUT_RM, EvaluateSection, ModelConfig, Params
 from rlhf_tasks.errors import ConfigError
 from rlhf_tasks.formats import prompt_messages
@@ -46,30 +46,10 @@ def _chat(tokenizer: Any, prompt: str, response: str | None = None) -> str:
 
 
 def generate(model: Any, tokenizer: Any, prompts: list[str], cfg: EvaluateSection) -> list[str]:
-    """Sample one response per prompt, seeded: two models sample from the same random stream."""
-    import torch
-
-    torch.manual_seed(cfg.seed)
-    tokenizer.padding_side = "left"
-    texts: list[str] = []
-    for i in range(0, len(prompts), cfg.batch_size):
-        chats = [_chat(tokenizer, p) for p in prompts[i : i + cfg.batch_size]]
-        enc = tokenizer(chats, add_special_tokens=False, padding=True, return_tensors="pt")
-        with torch.no_grad():
-            out = model.generate(
-                **enc,
-                max_new_tokens=cfg.max_new_tokens,
-                do_sample=True,
-                temperature=cfg.temperature,
-                top_k=0,
-                top_p=1.0,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-            )
-        texts.extend(
-            tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-        )
-    return [t.strip() for t in texts]
+    """Sample one response per prompt, seeded: two models sample from the same random stream
+    (``serving.generate``, the registered policy's own code path)."""
+    conversations = [prompt_messages(p) for p in prompts]
+    return serving.generate(model, tokenizer, conversations, serving.Sampling.of(cfg))
 
 
 def sequence_kl(

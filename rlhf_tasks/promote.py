@@ -106,7 +106,7 @@ def _model_uri(client: Any, stage: str, params: Params, model_dir: Path) -> str:
             pass
     if not (model_dir / "config.json").exists():
         raise ConfigError(f"stage promote needs the {stage} model in {model_dir}")
-    return f"models:/{logged_models.log_model(STAGES[stage], model_dir, params.model)}"
+    return f"models:/{logged_models.log_model(STAGES[stage], model_dir, params)}"
 
 
 def register(

@@ -32,6 +32,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from rlhf_tasks import serving
 from rlhf_tasks.config import ModelConfig, Params
 from rlhf_tasks.errors import ConfigError, TrainingFailed
 from rlhf_tasks.formats import prompt_messages
@@ -133,42 +134,13 @@ def load_reward_model(
 def score(
     model: Any, tokenizer: Any, prompts: list[str], responses: list[str], batch_size: int = 64
 ) -> list[float]:
-    """The reward of each (prompt, response): the chat template's rendering of [prompt as user
-    message(s), response as assistant message], tokenized as RewardTrainer does, scored at the
-    last token (right padding; the model finds the last non-pad token itself)."""
-    import torch
-
-    sequences = [
-        tokenizer.apply_chat_template(
-            [*prompt_messages(p), {"role": "assistant", "content": r}],
-            tokenize=True,
-            return_dict=True,
-        )["input_ids"]
+    """The reward of each (prompt, response): [prompt as user message(s), response as assistant
+    message], scored as ``serving.score`` does (the registered reward model's own code path)."""
+    conversations = [
+        [*prompt_messages(p), {"role": "assistant", "content": r}]
         for p, r in zip(prompts, responses, strict=True)
     ]
-    # Longer than the model can read: keep the end, where the score is read.
-    limit = getattr(model.config, "max_position_embeddings", None)
-    if limit:
-        sequences = [ids[-limit:] for ids in sequences]
-    # Pad with the id the model looks for to find each sequence's last token.
-    pad_id = model.config.pad_token_id
-    pad_id = tokenizer.pad_token_id if pad_id is None else pad_id
-    device = next(model.parameters()).device
-    scores: list[float] = []
-    for start in range(0, len(sequences), batch_size):
-        batch = sequences[start : start + batch_size]
-        width = max(len(ids) for ids in batch)
-        input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for i, ids in enumerate(batch):
-            input_ids[i, : len(ids)] = torch.tensor(ids)
-            attention_mask[i, : len(ids)] = 1
-        with torch.no_grad():
-            logits = model(
-                input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)
-            ).logits  # (batch, 1)
-        scores.extend(logits[:, 0].float().cpu().tolist())
-    return scores
+    return serving.score(model, tokenizer, conversations, batch_size)
 
 
 # A reward model whose held-out scores all lie within this of each other scores every response

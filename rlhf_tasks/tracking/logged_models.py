@@ -1,75 +1,103 @@
-"""Models in MLflow: logged with the transformers flavor, loaded back only as params allow."""
+"""Models in MLflow: logged as pyfunc models that answer as the pipeline does
+(``rlhf_tasks/serving.py``), loaded back only as params allow."""
 
 from __future__ import annotations
 
+import json
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
-from rlhf_tasks.config import ModelConfig
+from rlhf_tasks import serving
+from rlhf_tasks.config import ModelConfig, Params
 from rlhf_tasks.errors import ConfigError
 from rlhf_tasks.models import check_model_dir, load_tokenizer, model_kwargs, remote_code
 from rlhf_tasks.stages import Stage
 
 
-def log_model(stage: Stage, model_dir: Path, model_cfg: ModelConfig | None = None) -> str:
-    """Log the model in ``model_dir`` to the active run with MLflow's transformers flavor; return
-    the logged model's id (what ``promote`` registers).
+def log_model(stage: Stage, model_dir: Path, params: Params) -> str:
+    """Log the model in ``model_dir`` to the active run as an MLflow pyfunc model that answers
+    as the pipeline does (``rlhf_tasks/serving.py``): the policy as a chat model whose default
+    settings are the evaluation's, the reward model as a scorer. Return the logged model's id
+    (what ``promote`` registers).
 
-    MLflow 3.17 can log a checkpoint directory without loading it, but that path breaks on
-    transformers 5 (it expects the pipeline class where transformers now gives its name), so
-    the model is loaded on the CPU and saved by the flavor: one more copy of the weights.
+    The model directory is the pyfunc's artifact ``model`` (``artifacts/model/``), as the stage
+    wrote it; the model carries ``serving.py`` (``code/rlhf_tasks/``), so it loads and serves
+    with torch, transformers and MLflow, without the pipeline installed.
     """
     import mlflow
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+    check_model_dir(model_dir, f"the {stage.name} model", params.model)
     causal = stage.registers == "text-generation"
-    auto = AutoModelForCausalLM if causal else AutoModelForSequenceClassification
-    load = model_kwargs(model_cfg)
-    components = {
-        "model": auto.from_pretrained(model_dir, **load),
-        "tokenizer": load_tokenizer(
-            str(model_dir), load["trust_remote_code"], f"{stage.name} model"
-        ),
-    }
-    info = mlflow.transformers.log_model(
-        components,
-        name=stage.name,
-        task=stage.registers,
-        model_card=_model_card(stage.name, model_dir),  # given: MLflow then asks no hub for one
-        pip_requirements=_requirements(),
-    )
+    settings = serving.Sampling.of(params.evaluate)
+    if causal:
+        python_model: Any = serving.ChatPolicy(settings)
+        signature = serving.chat_signature(settings)
+        example = {"messages": [{"role": "user", "content": "Tell me about cats."}]}
+    else:
+        python_model = serving.RewardScorer(params.evaluate.batch_size)
+        signature = serving.reward_signature()
+        example = {"prompt": ["Tell me about cats."], "response": ["Cats purr when content."]}
+    with tempfile.TemporaryDirectory() as tmp:
+        package = Path(tmp, "rlhf_tasks")
+        package.mkdir()
+        (package / "__init__.py").write_text('"""The serving code of the RLHF pipeline."""\n')
+        shutil.copy(serving.__file__, package / "serving.py")
+        info = mlflow.pyfunc.log_model(
+            name=stage.name,
+            python_model=python_model,
+            artifacts={serving.MODEL_ARTIFACT: str(model_dir)},
+            code_paths=[str(package)],
+            signature=signature,
+            input_example=example,
+            pip_requirements=_requirements(),
+            metadata={"task": "llm/v1/chat" if causal else "reward", "stage": stage.name},
+        )
     return info.model_id
 
 
 def load_logged_model(uri: str, model_cfg: ModelConfig | None = None) -> dict[str, Any]:
     """The components (``model``, ``tokenizer``) of a model logged by ``log_model``, at ``uri``
     (``models:/NAME/VERSION``), checked first as the preflight checks a model directory: a
-    registry is shared, and MLflow's loader would run a model's own code and unpickle its
-    weights without asking. A ConfigError unless ``model_cfg`` (params' ``model``) allows it."""
+    registry is shared, and a model's own code or pickled weights would run on loading. A
+    ConfigError unless ``model_cfg`` (params' ``model``) allows it. The model directory is
+    loaded as a stage's model is, not through MLflow's loader (which unpickles the pyfunc)."""
     import mlflow
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     model_cfg = model_cfg or ModelConfig()
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))  # a local store: no copy
-    check_model_dir(local / "model", uri, model_cfg)
-    tokenizer_code = remote_code(local / "components" / "tokenizer")
+    model_dir = _model_dir(local, uri)
+    check_model_dir(model_dir, uri, model_cfg)
+    tokenizer_code = remote_code(model_dir)
     if tokenizer_code and not model_cfg.trust_remote_code:
         raise ConfigError(
             f"{uri}: its tokenizer ships its own code ({', '.join(tokenizer_code)}), which "
             "loading it would run; set model.trust_remote_code=true only if you trust its source"
         )
-    return mlflow.transformers.load_model(str(local), return_type="components")
+    config = json.loads((model_dir / "config.json").read_text())
+    causal = any(a.endswith("ForCausalLM") for a in config.get("architectures") or [])
+    auto = AutoModelForCausalLM if causal else AutoModelForSequenceClassification
+    load = model_kwargs(model_cfg)
+    return {
+        "model": auto.from_pretrained(model_dir, **load),
+        "tokenizer": load_tokenizer(str(model_dir), load["trust_remote_code"], uri),
+    }
 
 
-def _model_card(stage: str, model_dir: Path) -> Any:
-    from huggingface_hub import ModelCard
+def _model_dir(local: Path, uri: str) -> Path:
+    """Where the pyfunc model in ``local`` keeps its model directory (its artifact ``model``)."""
+    import yaml
 
-    # The license is the base model's and the data's, which the pipeline cannot know.
-    return ModelCard(
-        "---\nlicense: unknown\nlibrary_name: transformers\n---\n"
-        f"# {stage} model\n\nTrained by the `{stage}` stage of the RLHF pipeline from "
-        f"`{model_dir}`. Its lineage (data md5, git commit, params) is on the MLflow run "
-        "and on the registered model version's tags: `rlhf lineage NAME/VERSION`.\n"
-    )
+    try:
+        flavor = yaml.safe_load((local / "MLmodel").read_text())["flavors"]["python_function"]
+        return local / flavor["artifacts"][serving.MODEL_ARTIFACT]["path"]
+    except (OSError, KeyError, TypeError) as exc:
+        raise ConfigError(
+            f"{uri} is not a model the pipeline logged (no pyfunc artifact "
+            f"{serving.MODEL_ARTIFACT!r} in its MLmodel): {exc}"
+        ) from None
 
 
 def _requirements() -> list[str]:

@@ -230,7 +230,7 @@ def _stage_run(stage: Stage, params: Params, parent_run_id: str | None) -> Itera
         model_id = None
         if stage.registers and "model" in result.get("outputs", {}):
             model_dir = Path(result["outputs"]["model"])
-            model_id = log_model(stage, model_dir, params.model)
+            model_id = log_model(stage, model_dir, params)
         record_run(
             name,
             run_id=run.info.run_id,

@@ -4,6 +4,7 @@ the embedded sqlite default, and a real ``mlflow server`` on 127.0.0.1."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -16,12 +17,12 @@ import torch
 from helpers import GOOD_EVALUATION as GOOD
 from helpers import POLICY, REWARD
 from mlflow import MlflowClient
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from rlhf_tasks import promote
+from rlhf_tasks import dataversion, promote
 from rlhf_tasks.config import load_params
 from rlhf_tasks.runner import run_stage
-from rlhf_tasks.tracking import lineage, store
+from rlhf_tasks.tracking import store
 
 pytestmark = pytest.mark.slow  # models registered in a real MLflow store, and a real server
 
@@ -61,7 +62,7 @@ def evaluation(project: Path, metrics: dict[str, float]) -> None:
 
 def data_md5() -> str:
     """The data version a run in the project records: DVC's hash of the files it reads."""
-    return lineage.data_version(load_params("params.yaml")).md5
+    return dataversion.data_version(load_params("params.yaml")).md5
 
 
 def promote_stage(*overrides: str) -> dict:
@@ -193,6 +194,146 @@ def test_lineage_and_generate_from_the_champion(trained: Path, rlhf) -> None:
     assert code == 2 and "has no version with alias 'nope'" in err
     code, out, _ = rlhf("generate", "Tell me about dogs.")
     assert code == 0 and out.strip()
+
+
+CONSUMER = """
+import json, sys
+import mlflow
+
+chat = {"messages": [{"role": "user", "content": sys.argv[1]}]}
+policy = mlflow.pyfunc.load_model(sys.argv[2])
+reward = mlflow.pyfunc.load_model(sys.argv[3])
+print(json.dumps({
+    "answer": policy.predict(chat),
+    "short": policy.predict(chat, params={"max_tokens": 3, "temperature": 0.1}),
+    "scores": reward.predict({"prompt": [sys.argv[1]] * 2, "response": sys.argv[4:6]}),
+    "signature": policy.metadata.signature.to_dict(),
+}))
+"""
+
+
+def _serve(uri: str, log: Path) -> tuple[subprocess.Popen, str]:
+    """``mlflow models serve`` of ``uri`` on 127.0.0.1 in this environment; (process, url)."""
+    port = _free_port()
+    venv = str(Path(sys.executable).parent)  # it runs `uvicorn` from PATH: an activated venv's
+    proc = subprocess.Popen(
+        [
+            str(Path(venv) / "mlflow"),
+            *("models", "serve", "-m", uri, "--env-manager", "local"),
+            *("--host", "127.0.0.1", "--port", str(port)),
+        ],
+        env={
+            **os.environ,
+            "PATH": f"{venv}{os.pathsep}{os.environ['PATH']}",
+            "MLFLOW_TRACKING_URI": store.tracking_uri(),
+        },
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+    )
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def _post(url: str, body: dict, log: Path, proc: subprocess.Popen) -> object:
+    import urllib.request
+
+    deadline = time.monotonic() + 180
+    while True:  # until the server answers
+        try:
+            urllib.request.urlopen(f"{url}/ping", timeout=2)
+            break
+        except OSError:
+            assert proc.poll() is None, log.read_text()[-4000:]
+            assert time.monotonic() < deadline, log.read_text()[-4000:]
+            time.sleep(0.5)
+    request = urllib.request.Request(
+        f"{url}/invocations",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=120) as response:
+        return json.loads(response.read())
+
+
+def test_the_champion_serves_as_it_was_evaluated(
+    trained: Path, rlhf, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A consumer of the registry gets the model that was evaluated: the champion, loaded with
+    MLflow's pyfunc API in a fresh process and served by `mlflow models serve`, answers a chat
+    request with what `rlhf generate` and the evaluation say (the same code path, seed and
+    settings); the registered reward model scores as ``reward.score`` does."""
+    from rlhf_tasks import evaluate, reward
+
+    promote_stage()
+    capsys.readouterr()  # what promote printed
+    prompt, responses = "Tell me about dogs.", ["Dogs love to run.", "No."]
+    code, said, _ = rlhf("generate", prompt)
+    assert code == 0
+    said = said.strip()
+    params = load_params("params.yaml")
+    policy_dir, reward_dir = trained / "artifacts/policy/model", trained / "artifacts/reward/model"
+    model, tokenizer = (
+        AutoModelForCausalLM.from_pretrained(policy_dir),
+        AutoTokenizer.from_pretrained(policy_dir),
+    )
+    assert evaluate.generate(model.eval(), tokenizer, [prompt], params.evaluate) == [said]
+    scorer, rm_tokenizer = reward.load_reward_model(reward_dir)
+    scores = reward.score(scorer, rm_tokenizer, [prompt] * 2, responses)
+
+    champion, scoring = f"models:/{POLICY}@champion", f"models:/{REWARD}/1"
+    consumer = tmp_path / "consumer"  # not the project: only the registry's address
+    consumer.mkdir()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store.tracking_uri()}
+    proc = subprocess.run(
+        [sys.executable, "-c", CONSUMER, prompt, champion, scoring, *responses],
+        cwd=consumer,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    got = json.loads(proc.stdout.splitlines()[-1])
+    assert got["answer"]["object"] == "chat.completion"
+    assert got["answer"]["choices"][0]["message"] == {"role": "assistant", "content": said}
+    short = got["short"]["choices"][0]["message"]["content"]  # settings per request
+    request = params.evaluate.model_copy(update={"max_new_tokens": 3, "temperature": 0.1})
+    assert [short] == evaluate.generate(model, tokenizer, [prompt], request) != [said]
+    assert got["scores"] == pytest.approx(scores, abs=1e-5)
+    # The evaluation's settings are the defaults a request may override.
+    defaults = {p["name"]: p["default"] for p in json.loads(got["signature"]["params"])}
+    assert defaults == {
+        "max_tokens": params.evaluate.max_new_tokens,
+        "temperature": params.evaluate.temperature,
+        "top_p": params.evaluate.top_p,
+        "seed": params.evaluate.seed,
+    }
+
+    logs = [tmp_path / "serve-policy.log", tmp_path / "serve-reward.log"]
+    servers = [_serve(uri, log) for uri, log in zip((champion, scoring), logs, strict=True)]
+    try:
+        (chat_proc, chat_url), (score_proc, score_url) = servers
+        answer = _post(
+            chat_url,
+            {"messages": [{"role": "user", "content": prompt}]},
+            logs[0],
+            chat_proc,
+        )
+        assert answer["choices"][0]["message"]["content"] == said, answer
+        served = _post(
+            score_url,
+            {"dataframe_records": [{"prompt": prompt, "response": r} for r in responses]},
+            logs[1],
+            score_proc,
+        )
+        assert served["predictions"] == pytest.approx(scores, abs=1e-5), served
+    finally:
+        for proc_, _ in servers:
+            proc_.terminate()
+        for proc_, _ in servers:
+            try:
+                proc_.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc_.kill()
 
 
 def _free_port() -> int:

@@ -303,9 +303,10 @@ def test_a_registered_model_is_checked_before_mlflow_loads_it(
         for tamper in ("code", "pickle"):
             copy = Path(shutil.copytree(artifacts, tmp_path / tamper))
             if tamper == "code":
-                (copy / "model" / "modeling_custom.py").write_text("import os\n")
+                (copy / "artifacts/model/modeling_custom.py").write_text("import os\n")
             else:
-                (copy / "model" / "model.safetensors").rename(copy / "model" / "pytorch_model.bin")
+                weights = copy / "artifacts/model/model.safetensors"
+                weights.rename(weights.with_name("pytorch_model.bin"))
             monkeypatch.setattr(mlflow.artifacts, "download_artifacts", lambda c=copy, **_: str(c))
             with pytest.raises(ConfigError, match=r"^models:/rlhf-demo-policy/1: "):
                 logged_models.load_logged_model(uri)
