@@ -260,13 +260,17 @@ class JudgeSection(_Section):
     seed: int = 43
 
 
+Algorithm = Literal["ppo", "rloo", "grpo", "dpo"]  # each has a params section of its name
+ALGORITHMS: tuple[str, ...] = Algorithm.__args__
+
+
 class PolicySection(_Section):
     """Stage ``policy``: which algorithm turns the SFT model into the policy. ``ppo`` is this
     project's PPO against the reward model (section ``ppo``); ``rloo`` and ``grpo`` are TRL's
     online trainers with the same reward model as reward function; ``dpo`` is TRL's DPO on the
     preference pairs (no reward model). Each reads its own section below."""
 
-    algorithm: Literal["ppo", "rloo", "grpo", "dpo"] = "ppo"
+    algorithm: Algorithm = "ppo"
 
 
 class PpoSection(_Section):

@@ -285,6 +285,96 @@ def _record(client: Any, params: Params, decision: dict[str, Any]) -> None:
         make_champion(client, params, version)
 
 
+# What a registered model is and how to call it: its description in the registry.
+MODEL_DESCRIPTIONS = {
+    "policy": (
+        "The RLHF pipeline's policy: a chat model (MLflow pyfunc). Send OpenAI-style chat "
+        'requests, `{{"messages": [{{"role": "user", "content": "..."}}]}}`, optionally with '
+        "`temperature`, `max_tokens`, `top_p` and `seed` (defaults: the evaluation's); it answers "
+        "with a `chat.completion`. Serve `models:/{name}@champion` with `mlflow models serve "
+        "--env-manager local`, or load it with `mlflow.pyfunc.load_model`. Each version's "
+        "description says why it is or is not champion; `rlhf lineage {name}/VERSION` says "
+        "what made it."
+    ),
+    "reward": (
+        "The RLHF pipeline's reward model (MLflow pyfunc): send `prompt` and `response` "
+        "columns, or `messages` ending with the assistant reply; it returns one score each, the "
+        "score PPO maximised. The version with alias `champion` is the one the champion policy "
+        "was trained against (tag `rlhf.policy_version`)."
+    ),
+}
+
+
+def describe(
+    client: Any, params: Params, decision: dict[str, Any], evaluation: dict[str, Any], io: StageIO
+) -> None:
+    """Descriptions a reviewer reads in MLflow's UI without the CLI: the policy version's says
+    the decision and its reasons, the win rate and against what, the reward model's accuracy,
+    KL, data and commit, and a few of its answers; the registered models' say what they are
+    and how to call them."""
+    names = model_names(params)
+    version = str(decision["version"])
+    tags = client.get_model_version(names["policy"], version).tags
+    verdict = "**Champion**" if decision["promoted"] else "**Rejected**"
+    lines = [
+        f"{verdict}: win rate {decision['win_rate']:.3f} against {decision['baseline']} "
+        f"(judge: {params.evaluate.judge}; at least {params.promote.min_win_rate} needed).",
+        *(f"- {reason}" for reason in decision["reasons"]),
+        "",
+        "| measure | value |",
+        "|---|---|",
+        *(
+            f"| {key} | {evaluation[key]:.4f} |"
+            for key in VERSION_METRICS
+            if isinstance(evaluation.get(key), int | float)
+        ),
+        f"| data md5 | {tags.get('rlhf.data_md5', '?')} |",
+        f"| git commit | {tags.get('rlhf.git_commit', '?')} |",
+        f"| algorithm | {tags.get('rlhf.algorithm', '?')} |",
+        f"| reward model | {names['reward']} version {tags.get('rlhf.reward_version', '?')} |",
+    ]
+    samples = _samples(io.inputs["generations"])
+    if samples:
+        lines += ["", "Sample answers (held-out prompts, policy against SFT):", ""]
+        for row in samples:
+            lines += [
+                f"- **{row['prompt']}**",
+                f"  - policy: {row['policy']}",
+                f"  - sft: {row['sft']}",
+            ]
+    client.update_model_version(names["policy"], version, description="\n".join(lines))
+    reward_version = tags.get("rlhf.reward_version")
+    if reward_version:
+        client.update_model_version(
+            names["reward"],
+            reward_version,
+            description=(
+                f"Held-out accuracy {evaluation.get('reward_model/accuracy', float('nan')):.4f}; "
+                f"trained with data {tags.get('rlhf.data_md5', '?')}; the reward model of "
+                f"{names['policy']} version {version}."
+            ),
+        )
+    for role, name in names.items():
+        client.update_registered_model(name, description=MODEL_DESCRIPTIONS[role].format(name=name))
+
+
+SAMPLE_ANSWERS = 3
+
+
+def _samples(path: Path) -> list[dict[str, Any]]:
+    """The first answers of the evaluation's generations (one per prompt), if it wrote any."""
+    rows: list[dict[str, Any]] = []
+    if Path(path).is_file():
+        with Path(path).open(encoding="utf-8") as fh:
+            for line in fh:
+                row = json.loads(line)
+                if row["prompt"] not in {r["prompt"] for r in rows}:
+                    rows.append(row)
+                if len(rows) == SAMPLE_ANSWERS:
+                    break
+    return rows
+
+
 def run(params: Params, io: StageIO) -> dict[str, Any]:
     """The ``promote`` stage: register, gate, record; return the decision and its metrics. The
     decision is written to ``decision.json`` in its workdir."""
@@ -299,6 +389,7 @@ def run(params: Params, io: StageIO) -> dict[str, Any]:
     try:
         decision = gate(params, client, versions["policy"], evaluation, io)
         _record(client, params, decision)
+        describe(client, params, decision, evaluation, io)
     except BaseException:
         unregister(client, params, versions, versions["previous_challenger"])
         raise

@@ -9,7 +9,7 @@ import datetime as dt
 from typing import Any
 
 from rlhf_tasks import evaluate, promote
-from rlhf_tasks.config import Params
+from rlhf_tasks.config import ALGORITHMS, Params
 from rlhf_tasks.errors import ConfigError
 from rlhf_tasks.tracking import logged_models, store
 
@@ -96,7 +96,14 @@ def lineage(ref: str) -> str:
         lines.append(f"    {key.removeprefix('rlhf.run.'):<9} {run.info.run_id}  {run.info.status}")
     source_run = client.get_run(mv.run_id)
     lines.append(f"  params of the run that trained it ({source_run.info.run_name}):")
-    lines += [f"    {k} = {v}" for k, v in sorted(source_run.data.params.items()) if "." in k]
+    logged = source_run.data.params
+    # The policy stage logs every algorithm's section: only the one that trained it is its own.
+    others = set(ALGORITHMS) - {logged.get("policy.algorithm")}
+    lines += [
+        f"    {k} = {v}"
+        for k, v in sorted(logged.items())
+        if "." in k and k.partition(".")[0] not in others
+    ]
     return "\n".join(lines)
 
 

@@ -137,7 +137,7 @@ def _load(path: str, causal: bool) -> tuple[Any, Any]:
     model = auto.from_pretrained(path, dtype=torch.float32, use_safetensors=True)
     if torch.cuda.is_available():
         model = model.to("cuda")
-    return model.eval(), AutoTokenizer.from_pretrained(path)
+    return model.eval(), AutoTokenizer.from_pretrained(path, trust_remote_code=False)
 
 
 def _rows(model_input: Any) -> list[dict[str, Any]]:

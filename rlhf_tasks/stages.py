@@ -244,6 +244,7 @@ STAGES: dict[str, Stage] = {
                 "judge_model": "artifacts/judge/model",
                 "policy_model": "artifacts/policy/model",
                 "evaluation": "artifacts/evaluate/metrics.json",
+                "generations": "artifacts/evaluate/generations.jsonl",
             },
             cached=False,
         ),

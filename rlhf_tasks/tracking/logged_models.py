@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -44,16 +45,20 @@ def log_model(stage: Stage, model_dir: Path, params: Params) -> str:
         package.mkdir()
         (package / "__init__.py").write_text('"""The serving code of the RLHF pipeline."""\n')
         shutil.copy(serving.__file__, package / "serving.py")
-        info = mlflow.pyfunc.log_model(
-            name=stage.name,
-            python_model=python_model,
-            artifacts={serving.MODEL_ARTIFACT: str(model_dir)},
-            code_paths=[str(package)],
-            signature=signature,
-            input_example=example,
-            pip_requirements=_requirements(),
-            metadata={"task": "llm/v1/chat" if causal else "reward", "stage": stage.name},
-        )
+        with warnings.catch_warnings():  # the signature is given: predict takes no type hints
+            warnings.filterwarnings(
+                "ignore", message=r".*type hints? .*predict", category=UserWarning
+            )
+            info = mlflow.pyfunc.log_model(
+                name=stage.name,
+                python_model=python_model,
+                artifacts={serving.MODEL_ARTIFACT: str(model_dir)},
+                code_paths=[str(package)],
+                signature=signature,
+                input_example=example,
+                pip_requirements=_requirements(),
+                metadata={"task": "llm/v1/chat" if causal else "reward", "stage": stage.name},
+            )
     return info.model_id
 
 

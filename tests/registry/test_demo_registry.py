@@ -74,6 +74,7 @@ def test_demo_champion_and_its_lineage(demo_run) -> None:
     assert md5 in out
     assert sh("git", "rev-parse", "HEAD", cwd=demo_run.clone).stdout.strip() in out
     assert "ppo.learning_rate = 0.0001" in out
+    assert "dpo." not in out and "grpo." not in out  # the algorithm that trained it, only
     assert f"{POLICY} version 1: champion" in demo_run.stdout
 
 

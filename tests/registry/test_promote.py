@@ -263,8 +263,24 @@ def test_the_champion_serves_as_it_was_evaluated(
     settings); the registered reward model scores as ``reward.score`` does."""
     from rlhf_tasks import evaluate, reward
 
+    samples = [
+        {"prompt": "Tell me about cats.", "sft": "Cats.", "policy": "Cats purr when content."},
+        {"prompt": "Tell me about cats.", "sft": "Cats!", "policy": "Cats nap."},  # 2nd sample
+        {"prompt": "Tell me about owls.", "sft": "Owls.", "policy": "Owls hunt at night."},
+    ]
+    generations = trained / "artifacts/evaluate/generations.jsonl"
+    generations.write_text("".join(json.dumps(row) + "\n" for row in samples))
     promote_stage()
     capsys.readouterr()  # what promote printed
+    # The registry reads on its own: why the version is champion, and how to call the model.
+    c = client()
+    version = c.get_model_version(POLICY, "1")
+    assert version.description.startswith("**Champion**: win rate"), version.description
+    for fact in (data_md5(), _git(trained, "rev-parse", "HEAD"), "Owls hunt at night."):
+        assert fact in version.description, (fact, version.description)
+    assert "Cats nap." not in version.description  # one answer per prompt
+    assert "mlflow models serve" in c.get_registered_model(POLICY).description
+    assert f"{POLICY} version 1" in c.get_model_version(REWARD, "1").description
     prompt, responses = "Tell me about dogs.", ["Dogs love to run.", "No."]
     code, said, _ = rlhf("generate", prompt)
     assert code == 0
