@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -24,41 +23,40 @@ def log_model(stage: Stage, model_dir: Path, params: Params) -> str:
     (what ``promote`` registers).
 
     The model directory is the pyfunc's artifact ``model`` (``artifacts/model/``), as the stage
-    wrote it; the model carries ``serving.py`` (``code/rlhf_tasks/``), so it loads and serves
-    with torch, transformers and MLflow, without the pipeline installed.
+    wrote it; the model carries ``serving.py`` and ``pyfunc.py`` (``code/rlhf_tasks/``), so it
+    loads and serves with torch, transformers and MLflow, without the pipeline installed.
     """
     import mlflow
+
+    from rlhf_tasks import pyfunc  # MLflow's pyfunc API: imported when a model is logged
 
     check_model_dir(model_dir, f"the {stage.name} model", params.model)
     causal = stage.registers == "text-generation"
     settings = serving.Sampling.of(params.evaluate)
     if causal:
-        python_model: Any = serving.ChatPolicy(settings)
-        signature = serving.chat_signature(settings)
+        python_model: Any = pyfunc.ChatPolicy(settings)
+        signature = pyfunc.chat_signature(settings)
         example = {"messages": [{"role": "user", "content": "Tell me about cats."}]}
     else:
-        python_model = serving.RewardScorer(params.evaluate.batch_size)
-        signature = serving.reward_signature()
+        python_model = pyfunc.RewardScorer(params.evaluate.batch_size)
+        signature = pyfunc.reward_signature()
         example = {"prompt": ["Tell me about cats."], "response": ["Cats purr when content."]}
     with tempfile.TemporaryDirectory() as tmp:
         package = Path(tmp, "rlhf_tasks")
         package.mkdir()
         (package / "__init__.py").write_text('"""The serving code of the RLHF pipeline."""\n')
-        shutil.copy(serving.__file__, package / "serving.py")
-        with warnings.catch_warnings():  # the signature is given: predict takes no type hints
-            warnings.filterwarnings(
-                "ignore", message=r".*type hints? .*predict", category=UserWarning
-            )
-            info = mlflow.pyfunc.log_model(
-                name=stage.name,
-                python_model=python_model,
-                artifacts={serving.MODEL_ARTIFACT: str(model_dir)},
-                code_paths=[str(package)],
-                signature=signature,
-                input_example=example,
-                pip_requirements=_requirements(),
-                metadata={"task": "llm/v1/chat" if causal else "reward", "stage": stage.name},
-            )
+        for module in (serving, pyfunc):
+            shutil.copy(module.__file__, package / Path(module.__file__).name)
+        info = mlflow.pyfunc.log_model(
+            name=stage.name,
+            python_model=python_model,
+            artifacts={serving.MODEL_ARTIFACT: str(model_dir)},
+            code_paths=[str(package)],
+            signature=signature,
+            input_example=example,
+            pip_requirements=_requirements(),
+            metadata={"task": "llm/v1/chat" if causal else "reward", "stage": stage.name},
+        )
     return info.model_id
 
 
