@@ -1,14 +1,17 @@
 """Team scale, as users deploy it, every component real and on 127.0.0.1: a Prefect server on
 PostgreSQL, an MLflow server with a PostgreSQL backend store and a local artifact root, a `gpu`
 work pool of process type with a worker, `prefect deploy --all` from prefect.yaml (with a tiny
-config), a triggered `rlhf-retrain` run, and the champion alias in that MLflow registry.
+config), a triggered `rlhf-retrain` run with an `rlhf-ingest` run during it, and the champion
+alias in that MLflow registry.
 
 Skipped, saying so, where no PostgreSQL answers on 127.0.0.1:5432 (a laptop); CI always has one.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import socket
 import subprocess
 import time
@@ -149,7 +152,35 @@ def team(tmp_path: Path):
             _admin(f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
 
 
+def _prefect(team: dict, read):
+    """``read(client)`` with a client of the team's Prefect server."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with (
+        temporary_settings({PREFECT_API_URL: team["urls"]["PREFECT_API_URL"]}),
+        get_client(sync_client=True) as client,
+    ):
+        return read(client)
+
+
+def _wait(what: str, done, log: Path, timeout: float = 900) -> None:
+    deadline = time.monotonic() + timeout
+    while not done():
+        assert time.monotonic() < deadline, f"{what}\n--- worker\n{log.read_text()[-8000:]}"
+        time.sleep(1)
+
+
+def _md5(clone: Path) -> str:
+    return yaml.safe_load((clone / "data.dvc").read_text())["outs"][0]["md5"]
+
+
 def test_deployed_retraining_on_a_gpu_pool_promotes_a_champion(team, tmp_path: Path) -> None:
+    """The README's team block: a retrain deployment run promotes a champion. An ingest
+    deployment run started while it trains, by a worker that takes two runs at once, waits for
+    the project (it says so in its Prefect log), lands a new data version, and queues the next
+    retrain, which trains on it: every MLflow run of each retrain, and its model version, names
+    the data version that retrain read, and its gate counted that version's rows."""
     clone = fresh_clone(tmp_path / "project")
     deploy = yaml.safe_load((clone / "prefect.yaml").read_text())
     (retrain,) = [d for d in deploy["deployments"] if d["name"] == "rlhf-retrain"]
@@ -170,38 +201,68 @@ def test_deployed_retraining_on_a_gpu_pool_promotes_a_champion(team, tmp_path: P
             assert proc.returncode == 0, f"{cmd}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
         return proc
 
+    def start(deployment: str, *args: str) -> str:
+        out = cli(BIN / "prefect", "deployment", "run", deployment, *args).stdout
+        return re.search(r"UUID: ([0-9a-f-]{36})", out).group(1)
+
     cli(BIN / "rlhf", "data", "demo", "--check")
     shrink_data(clone)  # a deployment under test, not the data: fewer rows to read and score
     cli(BIN / "prefect", "work-pool", "create", "gpu", "--type", "process")
     cli(BIN / "prefect", "--no-prompt", "deploy", "--all")
+    batch = tmp_path / "batch.jsonl"
+    batch.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "prompt": f"Tell me about dogs at the beach, part {i}.",
+                    "chosen": "Dogs love to run on the sand. Most dogs enjoy a swim.",
+                    "rejected": "I do not know.",
+                }
+            )
+            + "\n"
+            for i in range(5)
+        )
+    )
     worker_log = tmp_path / "worker.log"
-    worker = subprocess.Popen(
-        [BIN / "prefect", "worker", "start", "--pool", "gpu", "--limit", "1"],
+    worker = subprocess.Popen(  # two runs at once: only the project lock keeps them apart
+        [BIN / "prefect", "worker", "start", "--pool", "gpu", "--limit", "2"],
         cwd=clone,
         env=run_env,
         stdout=worker_log.open("w"),
         stderr=subprocess.STDOUT,
     )
+    pinned = clone / "artifacts/validate/data/version.json"
     try:
-        run = cli(
-            BIN / "prefect",
-            "deployment",
-            "run",
-            "rlhf_pipeline/rlhf-retrain",
-            "--watch",
-            "--watch-timeout",
-            "900",
-            check=False,
+        first = start("rlhf_pipeline/rlhf-retrain")
+        _wait("the retrain's gate", pinned.exists, worker_log)  # it holds the project now
+        version_a = json.loads(pinned.read_text())["md5"]
+        ingest = start(
+            "rlhf_ingest/rlhf-ingest",
+            "--params",
+            json.dumps({"batch": str(batch), "retrain": True, "overrides": TINY}),
         )
-        assert run.returncode == 0, (
-            f"{run.stdout[-4000:]}\n{run.stderr[-4000:]}\n"
-            f"--- worker\n{worker_log.read_text()[-8000:]}"
+
+        def flow_run(flow_run_id: str):
+            return _prefect(team, lambda client: client.read_flow_run(flow_run_id))
+
+        def retrains() -> list[str]:
+            deployment = flow_run(first).deployment_id
+            found = _prefect(team, lambda client: client.read_flow_runs())
+            return [str(r.id) for r in found if r.deployment_id == deployment]
+
+        for flow_run_id in (first, ingest):
+            _wait(flow_run_id, lambda i=flow_run_id: flow_run(i).state.is_final(), worker_log)
+        _wait("the retrain the ingest queued", lambda: len(retrains()) == 2, worker_log)
+        (second,) = set(retrains()) - {first}
+        _wait(second, lambda: flow_run(second).state.is_final(), worker_log)
+        states = {i: flow_run(i).state for i in (first, ingest, second)}
+        assert all(state.is_completed() for state in states.values()), (
+            f"{states}\n--- worker\n{worker_log.read_text()[-8000:]}"
         )
-        assert "Completed" in run.stdout + run.stderr
     finally:
         # Prefect 3's process worker does not stop on SIGTERM (nor SIGINT) while idle: it
         # forwards SIGINT to itself, asyncio cancels the main task, and the worker waits on (the
-        # main thread in select, measured with faulthandler; still up after 60 s). Its run is
+        # main thread in select, measured with faulthandler; still up after 60 s). Its runs are
         # over here, so it is given a few seconds and then killed.
         worker.terminate()
         try:
@@ -210,15 +271,33 @@ def test_deployed_retraining_on_a_gpu_pool_promotes_a_champion(team, tmp_path: P
             worker.kill()
             worker.wait()
 
-    client = MlflowClient(tracking_uri=team["urls"]["MLFLOW_TRACKING_URI"])
-    versions = client.search_model_versions("name = 'rlhf-demo-policy'")
-    assert [str(v.version) for v in versions] == ["1"], versions
-    assert versions[0].tags["rlhf.promotion"] == "champion", versions[0].tags
-    champion = client.get_model_version_by_alias("rlhf-demo-policy", "champion")
-    assert str(champion.version) == "1"
-    assert champion.tags["rlhf.promotion"] == "champion"
-    runs = client.search_runs(
-        [client.get_experiment_by_name("rlhf").experiment_id], "attributes.run_name = 'sft'"
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    ingest_logs = _prefect(
+        team, lambda c: c.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[ingest])))
     )
-    assert runs and runs[0].data.tags["rlhf.prefect_flow_run_id"]
+    assert any(log.message.startswith("waiting for") for log in ingest_logs), ingest_logs
+    version_b = _md5(clone)  # what the ingest committed
+    assert version_b != version_a
+
+    client = MlflowClient(tracking_uri=team["urls"]["MLFLOW_TRACKING_URI"])
+    experiment = client.get_experiment_by_name("rlhf").experiment_id
+    for flow_run_id, version, rows in ((first, version_a, 160), (second, version_b, 165)):
+        runs = client.search_runs(
+            [experiment], f"tags.`rlhf.prefect_flow_run_id` = '{flow_run_id}'"
+        )
+        by_name = {r.info.run_name: r for r in runs}
+        assert {"rlhf_pipeline", "validate", "sft", "policy", "promote"} <= set(by_name)
+        assert {r.data.tags["rlhf.data_md5"] for r in runs} == {version}, flow_run_id
+        validated = by_name["validate"].data.metrics["validate/preferences_train/rows"]
+        assert validated == rows
+    versions = {
+        str(v.version): v for v in client.search_model_versions("name = 'rlhf-demo-policy'")
+    }
+    assert set(versions) == {"1", "2"}, versions
+    assert versions["1"].tags["rlhf.data_md5"] == version_a
+    assert versions["2"].tags["rlhf.data_md5"] == version_b
+    assert versions["1"].tags["rlhf.promotion"] == "champion", versions["1"].tags
+    champion = client.get_model_version_by_alias("rlhf-demo-policy", "champion")
+    assert champion.tags["rlhf.promotion"] == "champion"
     assert not (clone / "mlflow.db").exists()  # everything went to the team's server
