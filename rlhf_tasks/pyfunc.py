@@ -7,8 +7,10 @@
 - ``RewardScorer``: ``messages`` (ending with the assistant reply to score), or ``prompt`` and
   ``response``, in; a score each out.
 
-A registered model carries this file and ``serving.py`` (``code/rlhf_tasks/``) and needs
-nothing else of the project.
+A registered model is logged from code, not pickled: its ``model.py`` (``MODEL_CODE``) builds
+one of these with ``mlflow.models.set_model``, its settings are its ``model_config``, and it
+carries this file and ``serving.py`` (``code/rlhf_tasks/``), so it needs nothing else of the
+project, and loading it unpickles nothing.
 """
 
 from __future__ import annotations
@@ -22,6 +24,14 @@ from typing import Any
 from mlflow.pyfunc import PythonModel
 
 from rlhf_tasks.serving import MODEL_ARTIFACT, Conversation, Sampling, generate, score
+
+# The code a registered model is logged from (MLflow's models from code), by class name.
+MODEL_CODE = """from mlflow.models import set_model
+
+from rlhf_tasks.pyfunc import {cls}
+
+set_model({cls}())
+"""
 
 # MLflow asks, when a PythonModel subclass is defined, for type hints on ``predict``; these
 # models give their signature when they are logged instead (type hints would change how the
@@ -87,10 +97,9 @@ def _one_or_all(answers: list[Any]) -> Any:
 class ChatPolicy(PythonModel):
     """The policy as a chat model: messages in, a ``chat.completion`` out (see the module)."""
 
-    def __init__(self, sampling: Sampling | None = None) -> None:
-        self.sampling = sampling or Sampling()
-
     def load_context(self, context: Any) -> None:
+        # The default settings: the model_config it was logged with (the evaluation's).
+        self.sampling = Sampling(**(context.model_config or {}))
         self.model, self.tokenizer = _load(context.artifacts[MODEL_ARTIFACT], causal=True)
 
     # No type hints on predict's arguments: MLflow would read them as the model's signature.
@@ -130,10 +139,8 @@ class ChatPolicy(PythonModel):
 class RewardScorer(PythonModel):
     """The reward model as a scorer: a float per request (see the module)."""
 
-    def __init__(self, batch_size: int = 64) -> None:
-        self.batch_size = batch_size
-
     def load_context(self, context: Any) -> None:
+        self.batch_size = int((context.model_config or {}).get("batch_size", 64))
         self.model, self.tokenizer = _load(context.artifacts[MODEL_ARTIFACT], causal=False)
 
     # No type hints on predict's arguments: MLflow would read them as the model's signature.

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import tempfile
@@ -34,12 +35,10 @@ def log_model(stage: Stage, model_dir: Path, params: Params) -> str:
     causal = stage.registers == "text-generation"
     settings = serving.Sampling.of(params.evaluate)
     if causal:
-        python_model: Any = pyfunc.ChatPolicy(settings)
-        signature = pyfunc.chat_signature(settings)
-        example = {"messages": [{"role": "user", "content": "Tell me about cats."}]}
+        cls, signature = pyfunc.ChatPolicy, pyfunc.chat_signature(settings)
+        example: dict[str, Any] = {"messages": [{"role": "user", "content": "Tell me about cats."}]}
     else:
-        python_model = pyfunc.RewardScorer(params.evaluate.batch_size)
-        signature = pyfunc.reward_signature()
+        cls, signature = pyfunc.RewardScorer, pyfunc.reward_signature()
         example = {"prompt": ["Tell me about cats."], "response": ["Cats purr when content."]}
     with tempfile.TemporaryDirectory() as tmp:
         package = Path(tmp, "rlhf_tasks")
@@ -47,9 +46,12 @@ def log_model(stage: Stage, model_dir: Path, params: Params) -> str:
         (package / "__init__.py").write_text('"""The serving code of the RLHF pipeline."""\n')
         for module in (serving, pyfunc):
             shutil.copy(module.__file__, package / Path(module.__file__).name)
+        code = Path(tmp, "model.py")  # models from code: nothing of it is pickled
+        code.write_text(pyfunc.MODEL_CODE.format(cls=cls.__name__))
         info = mlflow.pyfunc.log_model(
             name=stage.name,
-            python_model=python_model,
+            python_model=str(code),
+            model_config=dataclasses.asdict(settings),
             artifacts={serving.MODEL_ARTIFACT: str(model_dir)},
             code_paths=[str(package)],
             signature=signature,
@@ -65,7 +67,7 @@ def load_logged_model(uri: str, model_cfg: ModelConfig | None = None) -> dict[st
     (``models:/NAME/VERSION``), checked first as the preflight checks a model directory: a
     registry is shared, and a model's own code or pickled weights would run on loading. A
     ConfigError unless ``model_cfg`` (params' ``model``) allows it. The model directory is
-    loaded as a stage's model is, not through MLflow's loader (which unpickles the pyfunc)."""
+    loaded as a stage's model is, not through MLflow's loader (which runs the model's code)."""
     import mlflow
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
