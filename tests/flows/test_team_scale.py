@@ -209,6 +209,8 @@ def test_deployed_retraining_on_a_gpu_pool_promotes_a_champion(team, tmp_path: P
     shrink_data(clone)  # a deployment under test, not the data: fewer rows to read and score
     cli(BIN / "prefect", "work-pool", "create", "gpu", "--type", "process")
     cli(BIN / "prefect", "--no-prompt", "deploy", "--all")
+    # As the README says for a trial: no scheduled retrains (this removes the queued ones).
+    cli(BIN / "prefect", "--no-prompt", "deployment", "schedule", "pause", "--all")
     batch = tmp_path / "batch.jsonl"
     batch.write_text(
         "".join(
