@@ -273,12 +273,27 @@ def test_deployed_retraining_on_a_gpu_pool_promotes_a_champion(team, tmp_path: P
             worker.kill()
             worker.wait()
 
-    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
-
-    ingest_logs = _prefect(
-        team, lambda c: c.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[ingest])))
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterId,
+        LogFilter,
+        LogFilterFlowRunId,
     )
-    assert any(log.message.startswith("waiting for") for log in ingest_logs), ingest_logs
+
+    # The runs did not collide: the ingest changed the data only after the retrain had ended,
+    # and if it started while the retrain ran, it said that it waited. (How soon a worker starts
+    # a run varies: on a loaded machine the retrain may be over by then.)
+    retrain_end = _prefect(team, lambda c: c.read_flow_run(first)).end_time
+    ingest_start = _prefect(team, lambda c: c.read_flow_run(ingest)).start_time
+    of_ingest = FlowRunFilter(id=FlowRunFilterId(any_=[ingest]))
+    task_runs = _prefect(team, lambda c: c.read_task_runs(flow_run_filter=of_ingest))
+    (merge,) = [t for t in task_runs if t.name.startswith("merge_and_version")]
+    assert merge.start_time > retrain_end, (merge.start_time, retrain_end)
+    if ingest_start < retrain_end:
+        logged = _prefect(
+            team, lambda c: c.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[ingest])))
+        )
+        assert any(log.message.startswith("waiting for") for log in logged), logged
     version_b = _md5(clone)  # what the ingest committed
     assert version_b != version_a
 
