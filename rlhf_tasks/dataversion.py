@@ -119,7 +119,9 @@ def pin(version: DataVersion, validated_dir: Path) -> None:
     """Record, with the validated copies, the version they were validated from."""
     validated_dir.mkdir(parents=True, exist_ok=True)
     record = {**asdict(version), "paths": list(version.paths)}
-    (validated_dir / PINNED).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    tmp = validated_dir / f".{PINNED}.tmp"
+    tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    tmp.replace(validated_dir / PINNED)
 
 
 def pinned(validated_dir: Path) -> DataVersion | None:

@@ -299,8 +299,9 @@ MODEL_DESCRIPTIONS = {
     "reward": (
         "The RLHF pipeline's reward model (MLflow pyfunc): send `prompt` and `response` "
         "columns, or `messages` ending with the assistant reply; it returns one score each, the "
-        "score PPO maximised. The version with alias `champion` is the one the champion policy "
-        "was trained against (tag `rlhf.policy_version`)."
+        "score the policy stage optimised (PPO, RLOO, GRPO; DPO trains on the pairs instead). "
+        "The version with alias `champion` is the one registered with the champion policy "
+        "(tag `rlhf.policy_version`)."
     ),
 }
 
@@ -388,8 +389,8 @@ def run(params: Params, io: StageIO) -> dict[str, Any]:
     versions = register(params, client, evaluation, io)
     try:
         decision = gate(params, client, versions["policy"], evaluation, io)
+        describe(client, params, decision, evaluation, io)  # before the aliases move
         _record(client, params, decision)
-        describe(client, params, decision, evaluation, io)
     except BaseException:
         unregister(client, params, versions, versions["previous_challenger"])
         raise

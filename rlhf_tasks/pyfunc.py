@@ -8,7 +8,8 @@
   ``response``, in; a score each out.
 
 A registered model is logged from code, not pickled: its ``model.py`` (``MODEL_CODE``) builds
-one of these with ``mlflow.models.set_model``, its settings are its ``model_config``, and it
+one of these with ``mlflow.models.set_model``, its default settings are its ``model_config``
+(and its signature's params, which MLflow fills a request's missing ones from), and it
 carries this file and ``serving.py`` (``code/rlhf_tasks/``), so it needs nothing else of the
 project, and loading it unpickles nothing.
 """
@@ -23,7 +24,7 @@ from typing import Any
 
 from mlflow.pyfunc import PythonModel
 
-from rlhf_tasks.serving import MODEL_ARTIFACT, Conversation, Sampling, generate, score
+from rlhf_tasks.serving import MODEL_ARTIFACT, Conversation, Sampling, replies, score
 
 # The code a registered model is logged from (MLflow's models from code), by class name.
 MODEL_CODE = """from mlflow.models import set_model
@@ -36,8 +37,9 @@ set_model({cls}())
 # MLflow asks, when a PythonModel subclass is defined, for type hints on ``predict``; these
 # models give their signature when they are logged instead (type hints would change how the
 # scoring server parses requests).
+# The message starts with a colour code.
 warnings.filterwarnings(
-    "ignore", message="Add type hints to the `predict` method", category=UserWarning
+    "ignore", message=r".*Add type hints to the `predict`", category=UserWarning
 )
 
 
@@ -94,16 +96,29 @@ def _one_or_all(answers: list[Any]) -> Any:
     return answers[0] if len(answers) == 1 else answers
 
 
+def _invalid(message: str) -> Exception:
+    """A bad request: MLflow's scoring server answers it with HTTP 400 and this message."""
+    from mlflow.exceptions import MlflowException
+
+    return MlflowException.invalid_parameter_value(message)
+
+
+def _settings(config: dict[str, Any] | None) -> Sampling:
+    """The logged defaults (``model_config``), the keys ``Sampling`` knows."""
+    known = Sampling.__dataclass_fields__
+    return Sampling(**{k: v for k, v in (config or {}).items() if k in known})
+
+
 class ChatPolicy(PythonModel):
     """The policy as a chat model: messages in, a ``chat.completion`` out (see the module)."""
 
     def load_context(self, context: Any) -> None:
-        # The default settings: the model_config it was logged with (the evaluation's).
-        self.sampling = Sampling(**(context.model_config or {}))
+        self.sampling = _settings(context.model_config)  # the evaluation's, as logged
         self.model, self.tokenizer = _load(context.artifacts[MODEL_ARTIFACT], causal=True)
 
-    # No type hints on predict's arguments: MLflow would read them as the model's signature.
-    def predict(self, context, model_input, params=None):
+    def request(self, params: dict[str, Any] | None) -> Sampling:
+        """The request's settings (MLflow fills the ones it leaves out from the signature's
+        defaults, which are the logged ones); temperature 0 is greedy decoding."""
         given = {k: v for k, v in (params or {}).items() if v is not None}
         default = self.sampling
         sampling = Sampling(
@@ -113,8 +128,23 @@ class ChatPolicy(PythonModel):
             seed=int(given.get("seed", default.seed)),
             batch_size=default.batch_size,
         )
-        conversations = [_messages(row["messages"]) for row in _rows(model_input)]
-        replies = generate(self.model, self.tokenizer, conversations, sampling)
+        if sampling.max_new_tokens < 1:
+            raise _invalid(f"max_tokens must be at least 1, not {sampling.max_new_tokens}")
+        if sampling.temperature < 0:
+            raise _invalid(f"temperature must be 0 (greedy) or more, not {sampling.temperature}")
+        if not 0 < sampling.top_p <= 1:
+            raise _invalid(f"top_p must be in (0, 1], not {sampling.top_p}")
+        return sampling
+
+    # No type hints on predict's arguments: MLflow would read them as the model's signature.
+    def predict(self, context, model_input, params=None):
+        sampling = self.request(params)
+        conversations = []
+        for row in _rows(model_input):
+            if not _is_list(row.get("messages")) or not len(row["messages"]):
+                raise _invalid("each request needs `messages`: a list of {role, content}")
+            conversations.append(_messages(row["messages"]))
+        answers = replies(self.model, self.tokenizer, conversations, sampling)
         created = int(time.time())
         return _one_or_all(
             [
@@ -126,12 +156,12 @@ class ChatPolicy(PythonModel):
                     "choices": [
                         {
                             "index": 0,
-                            "message": {"role": "assistant", "content": reply},
-                            "finish_reason": "stop",
+                            "message": {"role": "assistant", "content": text},
+                            "finish_reason": "stop" if ended else "length",
                         }
                     ],
                 }
-                for reply in replies
+                for text, ended in answers
             ]
         )
 
@@ -140,22 +170,28 @@ class RewardScorer(PythonModel):
     """The reward model as a scorer: a float per request (see the module)."""
 
     def load_context(self, context: Any) -> None:
-        self.batch_size = int((context.model_config or {}).get("batch_size", 64))
+        self.batch_size = _settings(context.model_config).batch_size
         self.model, self.tokenizer = _load(context.artifacts[MODEL_ARTIFACT], causal=False)
 
     # No type hints on predict's arguments: MLflow would read them as the model's signature.
     def predict(self, context, model_input, params=None):
         conversations = []
-        for row in _rows(model_input):
+        for i, row in enumerate(_rows(model_input)):
             if _is_list(row.get("messages")) and len(row["messages"]):
-                conversations.append(_messages(row["messages"]))
+                conversation = _messages(row["messages"])
+                if conversation[-1]["role"] != "assistant":
+                    raise _invalid(f"request {i}: `messages` must end with the assistant reply")
+            elif all(isinstance(row.get(k), str) for k in ("prompt", "response")):
+                conversation = [
+                    {"role": "user", "content": row["prompt"]},
+                    {"role": "assistant", "content": row["response"]},
+                ]
             else:
-                conversations.append(
-                    [
-                        {"role": "user", "content": str(row["prompt"])},
-                        {"role": "assistant", "content": str(row["response"])},
-                    ]
+                raise _invalid(
+                    f"request {i}: give `prompt` and `response` (strings), or `messages` "
+                    "ending with the assistant reply"
                 )
+            conversations.append(conversation)
         return score(self.model, self.tokenizer, conversations, self.batch_size)
 
 

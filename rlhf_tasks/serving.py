@@ -43,12 +43,24 @@ def generate(
 ) -> list[str]:
     """One sampled reply per conversation, seeded once for the whole list: two models given
     the same conversations sample from the same random stream."""
+    return [text for text, _ in replies(model, tokenizer, conversations, sampling)]
+
+
+def replies(
+    model: Any, tokenizer: Any, conversations: list[Conversation], sampling: Sampling
+) -> list[tuple[str, bool]]:
+    """``generate``'s replies, each with whether it ended its turn (False: cut at
+    ``max_new_tokens``). Temperature 0 is greedy decoding."""
     import torch
 
     torch.manual_seed(sampling.seed)
     tokenizer.padding_side = "left"
     device = next(model.parameters()).device
-    texts: list[str] = []
+    how: dict[str, Any] = {"do_sample": False}
+    if sampling.temperature > 0:
+        how = {"do_sample": True, "temperature": sampling.temperature, "top_k": 0}
+        how["top_p"] = sampling.top_p
+    out_replies: list[tuple[str, bool]] = []
     for i in range(0, len(conversations), sampling.batch_size):
         chats = [
             tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False)
@@ -58,18 +70,16 @@ def generate(
         with torch.no_grad():
             out = model.generate(
                 **enc.to(device),
+                **how,
                 max_new_tokens=sampling.max_new_tokens,
-                do_sample=True,
-                temperature=sampling.temperature,
-                top_k=0,
-                top_p=sampling.top_p,
                 pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=tokenizer.eos_token_id,  # the end of the turn: the chat template's
             )
-        texts.extend(
-            tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-        )
-    return [t.strip() for t in texts]
+        new = out[:, enc["input_ids"].shape[1] :]
+        ended = (new == tokenizer.eos_token_id).any(dim=1).tolist()
+        texts = tokenizer.batch_decode(new, skip_special_tokens=True)
+        out_replies.extend((t.strip(), e) for t, e in zip(texts, ended, strict=True))
+    return out_replies
 
 
 def score(

@@ -710,7 +710,11 @@ def run(params: Params, io: StageIO) -> dict[str, Any]:
     report, result = validate(params, out_dir=io.workdir)
     print(summary(report, result["outputs"]))
     if report.valid:
-        dataversion.unchanged_since(version, params)
+        try:
+            dataversion.unchanged_since(version, params)
+        except DataError:
+            shutil.rmtree(io.outputs["data"], ignore_errors=True)  # copies of two versions
+            raise
         dataversion.pin(version, io.outputs["data"])
     if not report.valid:
         failed = ", ".join(sorted({f"{c.dataset}/{c.check}" for c in report.failed}))

@@ -73,9 +73,9 @@ def load_logged_model(uri: str, model_cfg: ModelConfig | None = None) -> dict[st
 
     model_cfg = model_cfg or ModelConfig()
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))  # a local store: no copy
-    model_dir = _model_dir(local, uri)
+    model_dir, tokenizer_dir = _model_dirs(local, uri)
     check_model_dir(model_dir, uri, model_cfg)
-    tokenizer_code = remote_code(model_dir)
+    tokenizer_code = remote_code(tokenizer_dir)
     if tokenizer_code and not model_cfg.trust_remote_code:
         raise ConfigError(
             f"{uri}: its tokenizer ships its own code ({', '.join(tokenizer_code)}), which "
@@ -87,22 +87,31 @@ def load_logged_model(uri: str, model_cfg: ModelConfig | None = None) -> dict[st
     load = model_kwargs(model_cfg)
     return {
         "model": auto.from_pretrained(model_dir, **load),
-        "tokenizer": load_tokenizer(str(model_dir), load["trust_remote_code"], uri),
+        "tokenizer": load_tokenizer(str(tokenizer_dir), load["trust_remote_code"], uri),
     }
 
 
-def _model_dir(local: Path, uri: str) -> Path:
-    """Where the pyfunc model in ``local`` keeps its model directory (its artifact ``model``)."""
+def _model_dirs(local: Path, uri: str) -> tuple[Path, Path]:
+    """Where the logged model in ``local`` keeps its model and its tokenizer: the pyfunc's
+    artifact ``model`` (both), or, for a version registered before the pipeline logged pyfunc
+    models, the transformers flavor's ``model/`` and ``components/tokenizer/``."""
     import yaml
 
     try:
-        flavor = yaml.safe_load((local / "MLmodel").read_text())["flavors"]["python_function"]
-        return local / flavor["artifacts"][serving.MODEL_ARTIFACT]["path"]
+        flavors = yaml.safe_load((local / "MLmodel").read_text())["flavors"]
     except (OSError, KeyError, TypeError) as exc:
-        raise ConfigError(
-            f"{uri} is not a model the pipeline logged (no pyfunc artifact "
-            f"{serving.MODEL_ARTIFACT!r} in its MLmodel): {exc}"
-        ) from None
+        raise ConfigError(f"{uri} is not an MLflow model: {exc}") from None
+    artifact = (flavors.get("python_function", {}).get("artifacts") or {}).get(
+        serving.MODEL_ARTIFACT
+    )
+    if artifact:
+        return local / artifact["path"], local / artifact["path"]
+    if "transformers" in flavors:
+        return local / "model", local / "components" / "tokenizer"
+    raise ConfigError(
+        f"{uri} is not a model the pipeline logged (no pyfunc artifact "
+        f"{serving.MODEL_ARTIFACT!r} and no transformers flavor in its MLmodel)"
+    )
 
 
 def _requirements() -> list[str]:

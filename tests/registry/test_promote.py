@@ -201,6 +201,16 @@ import json, sys
 import mlflow
 
 chat = {"messages": [{"role": "user", "content": sys.argv[1]}]}
+
+
+def _raised(call):
+    try:
+        call()
+    except mlflow.exceptions.MlflowException as exc:
+        return exc
+    raise AssertionError("not refused")
+
+
 policy = mlflow.pyfunc.load_model(sys.argv[2])
 reward = mlflow.pyfunc.load_model(sys.argv[3])
 print(json.dumps({
@@ -208,6 +218,15 @@ print(json.dumps({
     "short": policy.predict(chat, params={"max_tokens": 3, "temperature": 0.1}),
     "scores": reward.predict({"prompt": [sys.argv[1]] * 2, "response": sys.argv[4:6]}),
     "signature": policy.metadata.signature.to_dict(),
+    "greedy": policy.predict(chat, params={"temperature": 0.0, "max_tokens": 2}),
+    "refused": [
+        str(exc.message)
+        for call in (
+            lambda: policy.predict(chat, params={"top_p": 2.0}),
+            lambda: reward.predict({"prompt": ["Tell me about dogs."]}),
+        )
+        for exc in [_raised(call)]
+    ],
 }))
 """
 
@@ -315,6 +334,18 @@ def test_the_champion_serves_as_it_was_evaluated(
     request = params.evaluate.model_copy(update={"max_new_tokens": 3, "temperature": 0.1})
     assert [short] == evaluate.generate(model, tokenizer, [prompt], request) != [said]
     assert got["scores"] == pytest.approx(scores, abs=1e-5)
+    # Temperature 0 is greedy; a reply cut at max_tokens says so; bad requests are refused.
+    greedy = params.evaluate.model_copy(update={"max_new_tokens": 2, "temperature": 0.0})
+    assert got["greedy"]["choices"][0] == {
+        "index": 0,
+        "message": {
+            "role": "assistant",
+            "content": evaluate.generate(model, tokenizer, [prompt], greedy)[0],
+        },
+        "finish_reason": "length",
+    }
+    assert got["refused"][0] == "top_p must be in (0, 1], not 2.0"
+    assert got["refused"][1].startswith("request 0: give `prompt` and `response` (strings)")
     # The evaluation's settings are the defaults a request may override.
     defaults = {p["name"]: p["default"] for p in json.loads(got["signature"]["params"])}
     assert defaults == {
@@ -350,6 +381,35 @@ def test_the_champion_serves_as_it_was_evaluated(
                 proc_.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 proc_.kill()
+
+
+def test_a_version_registered_before_pyfunc_models_still_loads(trained: Path) -> None:
+    """Versions that earlier releases logged with MLflow's transformers flavor stay usable by
+    `rlhf generate` and promote's comparison with the champion."""
+    import mlflow
+
+    from rlhf_tasks.tracking import logged_models
+
+    policy_dir = trained / "artifacts/policy/model"
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(store.tracking_uri())
+    try:
+        mlflow.set_experiment("earlier-release")
+        with mlflow.start_run():
+            info = mlflow.transformers.log_model(
+                {
+                    "model": AutoModelForCausalLM.from_pretrained(policy_dir),
+                    "tokenizer": AutoTokenizer.from_pretrained(policy_dir),
+                },
+                name="policy",
+                task="text-generation",
+                pip_requirements=["transformers"],  # no inference of them (no torchvision here)
+            )
+        components = logged_models.load_logged_model(f"models:/{info.model_id}")
+    finally:
+        mlflow.set_tracking_uri(previous)
+    assert components["model"].config.architectures == ["LlamaForCausalLM"]
+    assert components["tokenizer"].chat_template
 
 
 def _free_port() -> int:
