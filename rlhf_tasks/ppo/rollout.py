@@ -66,6 +66,65 @@ def token_scores(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tens
     return model.score(hidden).squeeze(-1).float()
 
 
+@dataclass(frozen=True)
+class Columns:
+    """The columns of a batch of left-padded prompts and right-padded responses that hold a
+    real token in some row: the ones a forward pass needs. Dropping the others (prompt padding
+    that every row has, response padding after the longest response) changes no real token's
+    result: positions come from the attention mask, and padding is never attended to."""
+
+    start: int  # the first column with a real prompt token in some row
+    context_len: int  # the prompts' width after ``start``
+    width: int  # the longest response, in tokens (at least 1)
+    length: int  # the responses' width before trimming, T
+
+    @classmethod
+    def of(cls, attention: torch.Tensor, mask: torch.Tensor, context_len: int) -> Columns:
+        start = int(attention[:, :context_len].any(0).int().argmax())
+        width = max(1, int(mask.sum(1).max()))
+        return cls(start, context_len - start, width, mask.shape[1])
+
+    def take(self, t: torch.Tensor) -> torch.Tensor:
+        """The kept columns of a (B, context_len + T) tensor."""
+        return t[:, self.start : self.start + self.context_len + self.width]
+
+    def expand(self, per_token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """A (B, width) result back to (B, T): 0 after each response's end."""
+        full = torch.nn.functional.pad(per_token, (0, self.length - self.width))
+        return full * mask
+
+
+def response_logprobs(
+    model: Any,
+    sequences: torch.Tensor,
+    attention: torch.Tensor,
+    mask: torch.Tensor,
+    context_len: int,
+    temp: float,
+) -> torch.Tensor:
+    """``sequence_logprobs`` over the columns that hold a real token (``Columns``), (B, T), 0
+    where ``mask`` is 0."""
+    cols = Columns.of(attention, mask, context_len)
+    out = sequence_logprobs(
+        model, cols.take(sequences), cols.take(attention), cols.context_len, temp
+    )
+    return cols.expand(out, mask)
+
+
+def response_values(
+    critic: Any,
+    sequences: torch.Tensor,
+    attention: torch.Tensor,
+    mask: torch.Tensor,
+    context_len: int,
+) -> torch.Tensor:
+    """The value model's value (B, T) of the state before each response token, computed over
+    the columns that hold a real token; 0 where ``mask`` is 0."""
+    cols = Columns.of(attention, mask, context_len)
+    out = critic(cols.take(sequences), cols.take(attention))[:, cols.context_len - 1 : -1]
+    return cols.expand(out, mask)
+
+
 class ValueModel(torch.nn.Module):
     """The value model as a module whose forward is ``token_scores``, so that under DDP every
     call goes through the DDP wrapper (which synchronises the gradients)."""
@@ -197,14 +256,20 @@ def score_responses(
 
 
 def reference_logprobs(
-    models: Models, sequences: torch.Tensor, attention: torch.Tensor, context_len: int, temp: float
+    models: Models,
+    sequences: torch.Tensor,
+    attention: torch.Tensor,
+    mask: torch.Tensor,
+    context_len: int,
+    temp: float,
 ) -> torch.Tensor:
     """Log-probs (B, T) of the responses under the reference of the KL penalty: its own frozen
     copy of the initial policy or, with LoRA, the policy with its adapter disabled."""
+    args = (sequences, attention, mask, context_len, temp)
     if models.ref_policy is not None:
-        return sequence_logprobs(models.ref_policy, sequences, attention, context_len, temp)
+        return response_logprobs(models.ref_policy, *args)
     with models.accelerator.unwrap_model(models.policy).disable_adapter():
-        return sequence_logprobs(models.policy, sequences, attention, context_len, temp)
+        return response_logprobs(models.policy, *args)
 
 
 def generation_config(cfg: PpoSection, pad_id: int, eos_id: int) -> Any:
@@ -286,14 +351,16 @@ def rollout(
     with torch.no_grad(), accelerator.autocast(), clock("scoring"):
         sequences = torch.cat([queries, responses], dim=1)  # (B, context_len + T)
         attention = torch.cat([query_mask, mask], dim=1)
-        logprobs = sequence_logprobs(policy, sequences, attention, context_len, cfg.temperature)
-        ref_logprobs = reference_logprobs(
-            models, sequences, attention, context_len, cfg.temperature
-        )
-        values = models.critic(sequences, attention)[:, context_len - 1 : -1]
+        args = (sequences, attention, mask, context_len)
+        logprobs = response_logprobs(policy, *args, cfg.temperature)
+        ref_logprobs = reference_logprobs(models, *args, cfg.temperature)
+        values = response_values(models.critic, *args)
         last = context_len - 1 + mask.sum(1)  # position of each sequence's last real token
         has_eos = (responses == eos_id).any(1)
-        scores = score_responses(models, sequences, attention, last, has_eos)
+        cols = Columns.of(attention, mask, context_len)
+        scores = score_responses(
+            models, cols.take(sequences), cols.take(attention), last - cols.start, has_eos
+        )
         if cfg.missing_eos_penalty is not None:
             scores = torch.where(has_eos, scores, scores - cfg.missing_eos_penalty)
 

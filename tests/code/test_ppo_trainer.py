@@ -267,12 +267,55 @@ def test_the_rollout_takes_each_log_prob_from_its_own_model(
 
     with torch.no_grad():
         args = (batch.sequences, batch.attention, batch.context_len, cfg.temperature)
-        policy = sequence_logprobs(models.policy, *args)
-        reference = sequence_logprobs(models.ref_policy, *args)
+        policy = sequence_logprobs(models.policy, *args) * batch.mask
+        reference = sequence_logprobs(models.ref_policy, *args) * batch.mask
     torch.testing.assert_close(batch.logprobs, policy)
     torch.testing.assert_close(batch.ref_logprobs, reference)
     assert not torch.allclose(policy, reference)
     torch.testing.assert_close(batch.kl, (policy - reference) * batch.mask)
+
+
+def test_passes_over_the_real_columns_equal_the_padded_passes(
+    base_model_dir: Path, reward_dir: Path
+) -> None:
+    """The scoring and optimisation passes leave out the columns that are padding in every row
+    (``Columns``): the log-probs and values of the real tokens are those of the whole padded
+    batch, and 0 after each response's end."""
+    import torch
+
+    from rlhf_tasks.ppo.rollout import (
+        Columns,
+        ValueModel,
+        response_logprobs,
+        response_values,
+        sequence_logprobs,
+        token_scores,
+    )
+
+    policy = AutoModelForCausalLM.from_pretrained(base_model_dir).eval()
+    critic = ValueModel(
+        AutoModelForSequenceClassification.from_pretrained(reward_dir, num_labels=1).eval()
+    )
+    torch.manual_seed(0)
+    context_len, length = 7, 9
+    ids = torch.randint(5, 200, (3, context_len + length))
+    prompt_pad, response_len = (2, 3, 5), (4, 6, 1)  # every row pads 2+ prompt columns
+    mask = torch.tensor([[1] * n + [0] * (length - n) for n in response_len])
+    attention = torch.cat([torch.ones(3, context_len, dtype=torch.long), mask], dim=1)
+    for row, pad in enumerate(prompt_pad):
+        attention[row, :pad] = 0
+    cols = Columns.of(attention, mask, context_len)
+    assert (cols.start, cols.width) == (2, 6)  # the padded batch is 7 + 9 wide; these 5 + 6
+
+    with torch.no_grad():
+        padded_logprobs = sequence_logprobs(policy, ids, attention, context_len, 0.7)
+        padded_values = token_scores(critic.model, ids, attention)[:, context_len - 1 : -1]
+        logprobs = response_logprobs(policy, ids, attention, mask, context_len, 0.7)
+        values = response_values(critic, ids, attention, mask, context_len)
+    assert logprobs.shape == values.shape == mask.shape
+    torch.testing.assert_close(logprobs, padded_logprobs * mask, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(values, padded_values * mask, atol=1e-5, rtol=1e-5)
+    assert (logprobs[mask == 1] != 0).all() and (values[mask == 0] == 0).all()
 
 
 def test_micro_batches_accumulate_the_gradient_of_the_whole_minibatch(
