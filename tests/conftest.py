@@ -45,16 +45,18 @@ DEMO_RUN_MODULES = (
 )
 
 
-# The longest modules after the demo run's, longest first (their tests' total seconds in a
-# clean-clone `make test`, 2026-12-07: 148, 116, 101, 79, 73, 57, 49, 42). A worker takes the
-# next module when it is nearly idle, so a long module handed out last would leave the other
-# worker idle at the end; longest first keeps the two workers' finishing times close.
+# The longest modules after the demo run's, longest first: their tests' seconds in one
+# `make test` here (2026-12-07): 141, 110, 99, 84, 79, 77, 76, 69, 47. A worker takes the next
+# module when it is nearly idle, so a long module handed out last would leave the other worker
+# idle at the end; longest first keeps the two workers' finishing times close.
 LONGEST_MODULES = (
     "tests/flows/test_team_scale.py",
     "tests/reliability/test_killed_runs.py",
     "tests/flows/test_pipeline_flow.py",
-    "tests/reliability/test_outages.py",
+    "tests/reliability/test_bad_input.py",
     "tests/registry/test_promote.py",
+    "tests/data/test_gate.py",
+    "tests/reliability/test_outages.py",
     "tests/flows/test_ingest.py",
     "tests/code/test_launch.py",
 )
