@@ -145,6 +145,20 @@ def shrink_data(project: Path) -> Path:
     return project
 
 
+def set_params(project: Path, overrides: list[str]) -> None:
+    """Write ``section.key=value`` settings into the project's params.yaml, as a user edits it
+    (DVC records, and later skips, only runs with params.yaml's values)."""
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    for override in overrides:
+        key, _, value = override.partition("=")
+        *parents, leaf = key.split(".")
+        section = params
+        for name in parents:
+            section = section.setdefault(name, {})
+        section[leaf] = yaml.safe_load(value)
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
 # The training stages for a few steps, for tests of wiring (flows, deployments), not training.
 FEW_STEPS = [
     "validate.min_rows=10",

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import FEW_STEPS, hold_project, make_dvc_repo, shrink_data
+from helpers import FEW_STEPS, hold_project, make_dvc_repo, set_params, shrink_data
 from mlflow import MlflowClient
 from prefect.client.orchestration import get_client
 from prefect.testing.utilities import prefect_test_harness
@@ -34,7 +34,7 @@ def dvc_project(project: Path) -> Path:
     and training shrunk (to a few steps, in params.yaml itself: what DVC records is
     params.yaml)."""
     make_dvc_repo(shrink_data(project))
-    _set_params(project, FEW_STEPS)
+    set_params(project, FEW_STEPS)
     return project
 
 
@@ -47,18 +47,6 @@ def _log_lines(state) -> list[str]:
     flow_run = LogFilterFlowRunId(any_=[state.state_details.flow_run_id])
     with get_client(sync_client=True) as client:
         return [log.message for log in client.read_logs(LogFilter(flow_run_id=flow_run))]
-
-
-def _set_params(project: Path, overrides: list[str]) -> None:
-    params = yaml.safe_load((project / "params.yaml").read_text())
-    for override in overrides:
-        key, _, value = override.partition("=")
-        *parents, leaf = key.split(".")
-        section = params
-        for name in parents:
-            section = section.setdefault(name, {})
-        section[leaf] = yaml.safe_load(value)
-    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
 def test_flow_runs_every_stage_in_order_and_dvc_records_it(
@@ -132,7 +120,7 @@ def test_flow_runs_every_stage_in_order_and_dvc_records_it(
 
     real_policy = policy.run
     monkeypatch.setattr(policy, "run", policy_while_the_data_changes)
-    _set_params(project, ["ppo.ppo_epochs=2"])
+    set_params(project, ["ppo.ppo_epochs=2"])
     third = rlhf_pipeline(params_path="params.yaml", return_state=True)
     assert third.is_completed(), third.message
     ran = {name for name, state in _task_states(third).items() if state == "Completed"}

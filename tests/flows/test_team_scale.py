@@ -1,8 +1,8 @@
 """Team scale, as users deploy it, every component real and on 127.0.0.1: a Prefect server on
 PostgreSQL, an MLflow server with a PostgreSQL backend store and a local artifact root, a `gpu`
 work pool of process type with a worker, `prefect deploy --all` from prefect.yaml (with a tiny
-config), a triggered `rlhf-retrain` run with an `rlhf-ingest` run during it, and the champion
-alias in that MLflow registry.
+config), a triggered `rlhf-retrain` run with an `rlhf-ingest` run during it, the champion
+alias in that MLflow registry, and a retrain cancelled from Prefect that the next one resumes.
 
 Skipped, saying so, where no PostgreSQL answers on 127.0.0.1:5432 (a laptop); CI always has one.
 """
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import BIN, FEW_STEPS, env, fresh_clone, shrink_data
+from helpers import BIN, FEW_STEPS, env, fresh_clone, set_params, shrink_data
 from mlflow import MlflowClient
 
 pytestmark = pytest.mark.slow
@@ -180,7 +180,9 @@ def test_deployed_retraining_on_a_gpu_pool_promotes_a_champion(team, tmp_path: P
     deployment run started while it trains, by a worker that takes two runs at once, waits for
     the project (it says so in its Prefect log), lands a new data version, and queues the next
     retrain, which trains on it: every MLflow run of each retrain, and its model version, names
-    the data version that retrain read, and its gate counted that version's rows."""
+    the data version that retrain read, and its gate counted that version's rows. A retrain
+    cancelled (`prefect flow-run cancel`) while PPO trains is stopped by the worker and keeps
+    its last PPO checkpoint; the next retrain resumes from it and completes."""
     clone = fresh_clone(tmp_path / "project")
     deploy = yaml.safe_load((clone / "prefect.yaml").read_text())
     (retrain,) = [d for d in deploy["deployments"] if d["name"] == "rlhf-retrain"]
@@ -207,6 +209,9 @@ def test_deployed_retraining_on_a_gpu_pool_promotes_a_champion(team, tmp_path: P
 
     cli(BIN / "rlhf", "data", "demo", "--check")
     shrink_data(clone)  # a deployment under test, not the data: fewer rows to read and score
+    # The tiny config in params.yaml too, so that DVC records (and later skips) the stages of
+    # runs whose overrides are these same values.
+    set_params(clone, TINY)
     cli(BIN / "prefect", "work-pool", "create", "gpu", "--type", "process")
     cli(BIN / "prefect", "--no-prompt", "deploy", "--all")
     # As the README says for a trial: no scheduled retrains (this removes the queued ones).
@@ -261,6 +266,85 @@ def test_deployed_retraining_on_a_gpu_pool_promotes_a_champion(team, tmp_path: P
         assert all(state.is_completed() for state in states.values()), (
             f"{states}\n--- worker\n{worker_log.read_text()[-8000:]}"
         )
+
+        from prefect.client.schemas.filters import (
+            FlowRunFilter,
+            FlowRunFilterId,
+            LogFilter,
+            LogFilterFlowRunId,
+        )
+
+        # The runs did not collide: the ingest changed the data only after the retrain had
+        # ended, and if it started while the retrain ran, it said that it waited. (How soon a
+        # worker starts a run varies: on a loaded machine the retrain may be over by then.)
+        retrain_end = _prefect(team, lambda c: c.read_flow_run(first)).end_time
+        ingest_start = _prefect(team, lambda c: c.read_flow_run(ingest)).start_time
+        of_ingest = FlowRunFilter(id=FlowRunFilterId(any_=[ingest]))
+        task_runs = _prefect(team, lambda c: c.read_task_runs(flow_run_filter=of_ingest))
+        (merge,) = [t for t in task_runs if t.name.startswith("merge_and_version")]
+        assert merge.start_time > retrain_end, (merge.start_time, retrain_end)
+        if ingest_start < retrain_end:
+            logged = _prefect(
+                team,
+                lambda c: c.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[ingest]))),
+            )
+            assert any(log.message.startswith("waiting for") for log in logged), logged
+        version_b = _md5(clone)  # what the ingest committed
+        assert version_b != version_a
+
+        client = MlflowClient(tracking_uri=team["urls"]["MLFLOW_TRACKING_URI"])
+        experiment = client.get_experiment_by_name("rlhf").experiment_id
+        for flow_run_id, version, rows in ((first, version_a, 160), (second, version_b, 165)):
+            runs = client.search_runs(
+                [experiment], f"tags.`rlhf.prefect_flow_run_id` = '{flow_run_id}'"
+            )
+            by_name = {r.info.run_name: r for r in runs}
+            # (sft is the first retrain's only: the ingest added preference pairs, no SFT data)
+            assert {"rlhf_pipeline", "validate", "reward", "policy", "promote"} <= set(by_name)
+            assert {r.data.tags["rlhf.data_md5"] for r in runs} == {version}, flow_run_id
+            validated = by_name["validate"].data.metrics["validate/preferences_train/rows"]
+            assert validated == rows
+        versions = {
+            str(v.version): v for v in client.search_model_versions("name = 'rlhf-demo-policy'")
+        }
+        assert set(versions) == {"1", "2"}, versions
+        assert versions["1"].tags["rlhf.data_md5"] == version_a
+        assert versions["2"].tags["rlhf.data_md5"] == version_b
+        assert versions["1"].tags["rlhf.promotion"] == "champion", versions["1"].tags
+        champion = client.get_model_version_by_alias("rlhf-demo-policy", "champion")
+        assert champion.tags["rlhf.promotion"] == "champion"
+        assert not (clone / "mlflow.db").exists()  # everything went to the team's server
+
+        # Cancelled from Prefect while PPO trains: the worker stops the run, its last PPO
+        # checkpoint stays, and the next run resumes from it and completes. The settings are
+        # params.yaml's, as in production: DVC skips the stages before PPO in both runs (with
+        # overrides that differ from params.yaml, DVC records no stage, each run trains SFT
+        # and the reward model anew, and PPO, whose inputs are new, starts anew). PPO is
+        # longer, so that it is still training when the cancellation lands.
+        set_params(clone, ["ppo.total_episodes=1600", "ppo.save_every=4"])
+        longer = json.dumps({"overrides": []})
+        cancelled = start("rlhf_pipeline/rlhf-retrain", "--params", longer)
+        checkpoints = clone / "artifacts/policy/checkpoints"
+        _wait(
+            "a PPO checkpoint",
+            lambda: any(checkpoints.glob("update-*/history.json")),
+            worker_log,
+        )
+        cli(BIN / "prefect", "flow-run", "cancel", cancelled)
+        _wait("the cancellation", lambda: flow_run(cancelled).state.is_final(), worker_log)
+        assert flow_run(cancelled).state.is_cancelled(), flow_run(cancelled).state
+        kept = [d.parent.name for d in checkpoints.glob("update-*/history.json")]
+        assert kept, "the cancelled run left no PPO checkpoint"
+        resumed = start("rlhf_pipeline/rlhf-retrain", "--params", longer)
+        _wait(resumed, lambda: flow_run(resumed).state.is_final(), worker_log)
+        assert flow_run(resumed).state.is_completed(), worker_log.read_text()[-8000:]
+        logged = _prefect(
+            team, lambda c: c.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[resumed])))
+        )
+        resumed_from = [log.message for log in logged if log.message.startswith("resuming from")]
+        assert resumed_from and any(
+            f"artifacts/policy/checkpoints/{name}" in resumed_from[0] for name in kept
+        ), (resumed_from, kept)
     finally:
         # Prefect 3's process worker does not stop on SIGTERM (nor SIGINT) while idle: it
         # forwards SIGINT to itself, asyncio cancels the main task, and the worker waits on (the
@@ -272,49 +356,3 @@ def test_deployed_retraining_on_a_gpu_pool_promotes_a_champion(team, tmp_path: P
         except subprocess.TimeoutExpired:
             worker.kill()
             worker.wait()
-
-    from prefect.client.schemas.filters import (
-        FlowRunFilter,
-        FlowRunFilterId,
-        LogFilter,
-        LogFilterFlowRunId,
-    )
-
-    # The runs did not collide: the ingest changed the data only after the retrain had ended,
-    # and if it started while the retrain ran, it said that it waited. (How soon a worker starts
-    # a run varies: on a loaded machine the retrain may be over by then.)
-    retrain_end = _prefect(team, lambda c: c.read_flow_run(first)).end_time
-    ingest_start = _prefect(team, lambda c: c.read_flow_run(ingest)).start_time
-    of_ingest = FlowRunFilter(id=FlowRunFilterId(any_=[ingest]))
-    task_runs = _prefect(team, lambda c: c.read_task_runs(flow_run_filter=of_ingest))
-    (merge,) = [t for t in task_runs if t.name.startswith("merge_and_version")]
-    assert merge.start_time > retrain_end, (merge.start_time, retrain_end)
-    if ingest_start < retrain_end:
-        logged = _prefect(
-            team, lambda c: c.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[ingest])))
-        )
-        assert any(log.message.startswith("waiting for") for log in logged), logged
-    version_b = _md5(clone)  # what the ingest committed
-    assert version_b != version_a
-
-    client = MlflowClient(tracking_uri=team["urls"]["MLFLOW_TRACKING_URI"])
-    experiment = client.get_experiment_by_name("rlhf").experiment_id
-    for flow_run_id, version, rows in ((first, version_a, 160), (second, version_b, 165)):
-        runs = client.search_runs(
-            [experiment], f"tags.`rlhf.prefect_flow_run_id` = '{flow_run_id}'"
-        )
-        by_name = {r.info.run_name: r for r in runs}
-        assert {"rlhf_pipeline", "validate", "sft", "policy", "promote"} <= set(by_name)
-        assert {r.data.tags["rlhf.data_md5"] for r in runs} == {version}, flow_run_id
-        validated = by_name["validate"].data.metrics["validate/preferences_train/rows"]
-        assert validated == rows
-    versions = {
-        str(v.version): v for v in client.search_model_versions("name = 'rlhf-demo-policy'")
-    }
-    assert set(versions) == {"1", "2"}, versions
-    assert versions["1"].tags["rlhf.data_md5"] == version_a
-    assert versions["2"].tags["rlhf.data_md5"] == version_b
-    assert versions["1"].tags["rlhf.promotion"] == "champion", versions["1"].tags
-    champion = client.get_model_version_by_alias("rlhf-demo-policy", "champion")
-    assert champion.tags["rlhf.promotion"] == "champion"
-    assert not (clone / "mlflow.db").exists()  # everything went to the team's server
