@@ -149,13 +149,8 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory) -> DemoRun:
 
     clone = fresh_clone(tmp_path_factory.mktemp("demo_run") / "clone")
     secrets = {var: f"canary-{var.lower()}-{secrets_module.token_hex(12)}" for var in SECRET_VARS}
-    # Two torch threads for the demo run, the suite's longest piece of work, whatever the
-    # workers have: its SFT is compute-bound and takes the core the other worker leaves idle
-    # while it waits on servers and subprocesses; passive waiting keeps an idle thread from
-    # spinning on a core the other worker needs.
-    threads = {"OMP_NUM_THREADS": "2", "OMP_WAIT_POLICY": "PASSIVE"}
     sh(BIN / "rlhf", "data", "demo", "--check", cwd=clone, code=clone, extra_env=secrets)
-    run = sh(BIN / "rlhf", "run", cwd=clone, code=clone, extra_env={**secrets, **threads})
+    run = sh(BIN / "rlhf", "run", cwd=clone, code=clone, extra_env=secrets)
     return DemoRun(clone, run.stdout, secrets)
 
 
