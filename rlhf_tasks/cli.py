@@ -91,6 +91,11 @@ def _parser() -> argparse.ArgumentParser:
         default=str(CHECKS_DIR),
         help=f"report directory (default: {CHECKS_DIR}; never the validate stage's outputs)",
     )
+    p.add_argument(
+        "--docs",
+        action="store_true",
+        help="also build Great Expectations' Data Docs (HTML) in the report directory",
+    )
     _common(p)
 
     p = sub.add_parser("data", help="data sets")
@@ -147,7 +152,11 @@ def cmd_validate(args: argparse.Namespace, params: Params) -> int:
     from rlhf_tasks import validate
 
     report, result = validate.validate(
-        params, paths=args.paths or None, heldout=args.heldout, out_dir=Path(args.out)
+        params,
+        paths=args.paths or None,
+        heldout=args.heldout,
+        out_dir=Path(args.out),
+        data_docs=args.docs,
     )
     print(validate.summary(report, result["outputs"]))
     return 0 if report.valid else 1

@@ -632,11 +632,13 @@ def validate(
     heldout: list[str] | None = None,
     *,
     out_dir: Path,
+    data_docs: bool = True,
 ) -> tuple[Report, dict[str, Any]]:
     """Run the gate. With ``paths``, validate those files as one data set (``heldout`` for the
     overlap check); otherwise the data sets of ``params.yaml``. Writes ``report.json``, the
-    validated data (``data/<name>.jsonl``) and Great Expectations' Data Docs (``data_docs/``) in
-    ``out_dir``. Returns the report and the stage result: output locations and metrics.
+    validated data (``data/<name>.jsonl``) and, with ``data_docs``, Great Expectations' Data
+    Docs (``data_docs/``) in ``out_dir``. Returns the report and the stage result: output
+    locations and metrics.
     """
     cfg = params.validate_config
     if paths:
@@ -656,11 +658,15 @@ def validate(
 
     docs_dir, data_dir = out_dir / "data_docs", out_dir / "data"
     shutil.rmtree(docs_dir, ignore_errors=True)
-    report = run_checks(sources, cfg, tokenizer, limits, docs_dir=docs_dir, data_dir=data_dir)
+    report = run_checks(
+        sources, cfg, tokenizer, limits, docs_dir=docs_dir if data_docs else None, data_dir=data_dir
+    )
     out_dir.mkdir(parents=True, exist_ok=True)
     report_path = out_dir / "report.json"
     report_path.write_text(json.dumps(report.to_dict(), indent=2, sort_keys=True) + "\n")
-    outputs = {"report": str(report_path), "data_docs": str(docs_dir / "index.html")}
+    outputs = {"report": str(report_path)}
+    if data_docs:
+        outputs["data_docs"] = str(docs_dir / "index.html")
     if report.valid:
         outputs["data"] = str(data_dir)
     metrics = {
@@ -691,7 +697,8 @@ def summary(report: Report, outputs: dict[str, str]) -> str:
             for ex in c.examples:
                 what = ex.get("error") or (f"{c.column}={ex['value']}" if "value" in ex else "")
                 lines.append(f"         {ex['file']}:{ex['line']}  {what}")
-    lines.append(f"  report: {outputs['report']}   Data Docs: {outputs['data_docs']}")
+    docs = outputs.get("data_docs", "not built (`rlhf validate --docs` builds them)")
+    lines.append(f"  report: {outputs['report']}   Data Docs: {docs}")
     return "\n".join(lines)
 
 

@@ -246,11 +246,29 @@ def validated(project: Path):
     return write
 
 
+def _console_handlers_to_current_stderr() -> None:
+    """Prefect's console log handlers write to the ``sys.stderr`` of the first flow run of the
+    process; under pytest that is an earlier test's captured stream, closed since. Each `rlhf`
+    command is a process of its own for users: here its handlers write to this test's stderr."""
+    import logging
+    import sys
+
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    loggers = [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
+    for logger in loggers:
+        for handler in getattr(logger, "handlers", ()):
+            if isinstance(handler, PrefectConsoleHandler):
+                handler.stream = sys.stderr  # not setStream: it flushes the closed one
+                handler.console.file = sys.stderr
+
+
 @pytest.fixture
 def rlhf(capsys: pytest.CaptureFixture[str]):
     """Run the ``rlhf`` CLI in-process: ``code, out, err = rlhf("validate", "x.jsonl")``."""
 
     def run(*argv: str) -> tuple[int, str, str]:
+        _console_handlers_to_current_stderr()
         code = main([str(a) for a in argv])
         captured = capsys.readouterr()
         return code, captured.out, captured.err

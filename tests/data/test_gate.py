@@ -96,7 +96,7 @@ def test_good_file_passes_and_writes_outputs(project, rlhf, suffix):
     writer = write_jsonl if suffix == "jsonl" else write_csv
     writer(f"good.{suffix}", base_rows())
 
-    code, out, err = rlhf("validate", f"good.{suffix}")
+    code, out, err = rlhf("validate", f"good.{suffix}", "--docs")
 
     assert code == 0, out + err
     assert "Validation gate PASSED" in out
@@ -457,7 +457,9 @@ def test_report_lists_failed_checks_with_examples(project, rlhf, tmp_path):
             {"file": "bad.jsonl", "line": line}
         ]
         assert failed[check]["unexpected"] == 1
-    assert (out_dir / "data_docs" / "index.html").is_file()
+    # Data Docs only when asked for (`--docs`): a check is read in the terminal first.
+    assert not (out_dir / "data_docs").exists()
+    assert "Data Docs: not built (`rlhf validate --docs` builds them)" in out
     assert not (out_dir / "data").exists()
     assert not Path("artifacts/checks/validate").exists()  # --out replaces the default location
     assert not Path("artifacts/validate").exists()  # a check never writes the stage's outputs
@@ -478,7 +480,6 @@ def test_normalised_data_written_only_when_valid(project, rlhf):
     assert read_report()["valid"] is False
     # The data of the earlier, valid run is gone: later stages must not read stale data.
     assert not Path("artifacts/checks/validate/data").exists()
-    assert Path("artifacts/checks/validate/data_docs/index.html").is_file()
 
 
 # -- usage errors and the real console script ----------------------------------------------------
