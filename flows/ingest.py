@@ -28,6 +28,7 @@ def _check(params: Any, batch: str) -> Any:
     try:
         return ingest.check(params, batch)
     except ingest.IngestRejected as exc:
+        logs.to_run_log(str(exc))  # the verdict with file:row examples, in the run's log
         return Failed(message=str(exc).splitlines()[0], data=exc)
 
 

@@ -100,6 +100,15 @@ def stage_output() -> Iterator[None]:
         tee.finish()
 
 
+def to_run_log(text: str) -> None:
+    """Each line of ``text`` as a log of the current Prefect run, and not on the console (where
+    the `rlhf` command prints the same text once, from the error it raises)."""
+    logger = _api_logger()
+    for line in text.splitlines():
+        if line.strip():
+            logger.info(line)
+
+
 def user_failure(exc: UserError) -> State:
     """A failed state for a user's mistake (bad data, bad config, a busy project): its message,
     without the traceback Prefect would log for an exception, which tells the user nothing

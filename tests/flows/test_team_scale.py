@@ -345,6 +345,32 @@ def test_deployed_retraining_on_a_gpu_pool_promotes_a_champion(team, tmp_path: P
         assert resumed_from and any(
             f"artifacts/policy/checkpoints/{name}" in resumed_from[0] for name in kept
         ), (resumed_from, kept)
+
+        # A bad batch through the ingest deployment: the run fails, and its Prefect log (what
+        # `prefect flow-run logs` and the UI show) names the check, the file and the row. The
+        # one traceback is Prefect's engine's own, which it logs for every failed flow run of a
+        # deployment (prefect/flow_engine.py, run_flow): none comes from the project's code.
+        bad = tmp_path / "bad.jsonl"
+        bad.write_text(json.dumps({"prompt": "Hi there.", "chosen": "Same.", "rejected": "Same."}))
+        refused = start("rlhf_ingest/rlhf-ingest", "--params", json.dumps({"batch": str(bad)}))
+        _wait(refused, lambda: flow_run(refused).state.is_final(), worker_log)
+        assert flow_run(refused).state.is_failed(), flow_run(refused).state
+
+        def refused_log() -> str:
+            of_run = LogFilter(flow_run_id=LogFilterFlowRunId(any_=[refused]))
+            return "\n".join(log.message for log in _prefect(team, lambda c: c.read_logs(of_run)))
+
+        # (the run's last logs reach the API in its log handler's last batch, after its state)
+        _wait("the refused batch's log", lambda: "Finished in state" in refused_log(), worker_log)
+        logged = _prefect(
+            team, lambda c: c.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[refused])))
+        )
+        text = "\n".join(log.message for log in logged)
+        assert "chosen_differs" in text and "bad.jsonl:1" in text, text
+        tracebacks = [log.message for log in logged if "Traceback" in log.message]
+        assert all(
+            m.startswith("Engine execution exited with unexpected exception") for m in tracebacks
+        ), tracebacks
     finally:
         # Prefect 3's process worker does not stop on SIGTERM (nor SIGINT) while idle: it
         # forwards SIGINT to itself, asyncio cancels the main task, and the worker waits on (the
