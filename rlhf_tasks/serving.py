@@ -58,8 +58,12 @@ def replies(
     device = next(model.parameters()).device
     how: dict[str, Any] = {"do_sample": False}
     if sampling.temperature > 0:
-        how = {"do_sample": True, "temperature": sampling.temperature, "top_k": 0}
-        how["top_p"] = sampling.top_p
+        how = {
+            "do_sample": True,
+            "temperature": sampling.temperature,
+            "top_k": 0,
+            "top_p": sampling.top_p,
+        }
     out_replies: list[tuple[str, bool]] = []
     for i in range(0, len(conversations), sampling.batch_size):
         chats = [

@@ -66,7 +66,7 @@ def token_scores(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tens
     return model.score(hidden).squeeze(-1).float()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # holds a tensor: compared by identity
 class Columns:
     """The columns of a batch of left-padded prompts and right-padded responses that hold a
     real token in some row: the ones a forward pass needs. Dropping the others (prompt padding
@@ -76,53 +76,42 @@ class Columns:
     start: int  # the first column with a real prompt token in some row
     context_len: int  # the prompts' width after ``start``
     width: int  # the longest response, in tokens (at least 1)
-    length: int  # the responses' width before trimming, T
+    mask: torch.Tensor  # the responses' mask, (B, T): 1 up to and including the first EOS
 
     @classmethod
     def of(cls, attention: torch.Tensor, mask: torch.Tensor, context_len: int) -> Columns:
         start = int(attention[:, :context_len].any(0).int().argmax())
         width = max(1, int(mask.sum(1).max()))
-        return cls(start, context_len - start, width, mask.shape[1])
+        return cls(start, context_len - start, width, mask)
 
     def take(self, t: torch.Tensor) -> torch.Tensor:
         """The kept columns of a (B, context_len + T) tensor."""
         return t[:, self.start : self.start + self.context_len + self.width]
 
-    def expand(self, per_token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def expand(self, per_token: torch.Tensor) -> torch.Tensor:
         """A (B, width) result back to (B, T): 0 after each response's end."""
-        full = torch.nn.functional.pad(per_token, (0, self.length - self.width))
-        return full * mask
+        full = torch.nn.functional.pad(per_token, (0, self.mask.shape[1] - self.width))
+        return full * self.mask
 
 
 def response_logprobs(
-    model: Any,
-    sequences: torch.Tensor,
-    attention: torch.Tensor,
-    mask: torch.Tensor,
-    context_len: int,
-    temp: float,
+    model: Any, sequences: torch.Tensor, attention: torch.Tensor, cols: Columns, temp: float
 ) -> torch.Tensor:
-    """``sequence_logprobs`` over the columns that hold a real token (``Columns``), (B, T), 0
-    where ``mask`` is 0."""
-    cols = Columns.of(attention, mask, context_len)
+    """``sequence_logprobs`` over the columns ``cols`` keeps, (B, T), 0 after each response's
+    end (``cols.mask``)."""
     out = sequence_logprobs(
         model, cols.take(sequences), cols.take(attention), cols.context_len, temp
     )
-    return cols.expand(out, mask)
+    return cols.expand(out)
 
 
 def response_values(
-    critic: Any,
-    sequences: torch.Tensor,
-    attention: torch.Tensor,
-    mask: torch.Tensor,
-    context_len: int,
+    critic: Any, sequences: torch.Tensor, attention: torch.Tensor, cols: Columns
 ) -> torch.Tensor:
     """The value model's value (B, T) of the state before each response token, computed over
-    the columns that hold a real token; 0 where ``mask`` is 0."""
-    cols = Columns.of(attention, mask, context_len)
+    the columns ``cols`` keeps; 0 after each response's end."""
     out = critic(cols.take(sequences), cols.take(attention))[:, cols.context_len - 1 : -1]
-    return cols.expand(out, mask)
+    return cols.expand(out)
 
 
 class ValueModel(torch.nn.Module):
@@ -256,16 +245,11 @@ def score_responses(
 
 
 def reference_logprobs(
-    models: Models,
-    sequences: torch.Tensor,
-    attention: torch.Tensor,
-    mask: torch.Tensor,
-    context_len: int,
-    temp: float,
+    models: Models, sequences: torch.Tensor, attention: torch.Tensor, cols: Columns, temp: float
 ) -> torch.Tensor:
     """Log-probs (B, T) of the responses under the reference of the KL penalty: its own frozen
     copy of the initial policy or, with LoRA, the policy with its adapter disabled."""
-    args = (sequences, attention, mask, context_len, temp)
+    args = (sequences, attention, cols, temp)
     if models.ref_policy is not None:
         return response_logprobs(models.ref_policy, *args)
     with models.accelerator.unwrap_model(models.policy).disable_adapter():
@@ -351,13 +335,12 @@ def rollout(
     with torch.no_grad(), accelerator.autocast(), clock("scoring"):
         sequences = torch.cat([queries, responses], dim=1)  # (B, context_len + T)
         attention = torch.cat([query_mask, mask], dim=1)
-        args = (sequences, attention, mask, context_len)
-        logprobs = response_logprobs(policy, *args, cfg.temperature)
-        ref_logprobs = reference_logprobs(models, *args, cfg.temperature)
-        values = response_values(models.critic, *args)
+        cols = Columns.of(attention, mask, context_len)  # the forward passes skip the rest
+        logprobs = response_logprobs(policy, sequences, attention, cols, cfg.temperature)
+        ref_logprobs = reference_logprobs(models, sequences, attention, cols, cfg.temperature)
+        values = response_values(models.critic, sequences, attention, cols)
         last = context_len - 1 + mask.sum(1)  # position of each sequence's last real token
         has_eos = (responses == eos_id).any(1)
-        cols = Columns.of(attention, mask, context_len)
         scores = score_responses(
             models, cols.take(sequences), cols.take(attention), last - cols.start, has_eos
         )

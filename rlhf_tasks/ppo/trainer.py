@@ -27,6 +27,7 @@ from rlhf_tasks.models import load_tokenizer, model_kwargs
 from rlhf_tasks.ppo.checkpoint import _State
 from rlhf_tasks.ppo.maths import KLController, policy_loss, value_loss
 from rlhf_tasks.ppo.rollout import (
+    Columns,
     Models,
     Rollout,
     ValueModel,
@@ -275,11 +276,12 @@ def ppo_epochs(run: _Run, batch: Rollout, cfg: PpoSection) -> dict[str, list[flo
             for i, part in enumerate(parts):
                 seq, att, m = batch.sequences[part], batch.attention[part], batch.mask[part]
                 weight = m.sum() / tokens
-                new_logprobs = response_logprobs(policy, seq, att, m, context_len, cfg.temperature)
+                cols = Columns.of(att, m, context_len)
+                new_logprobs = response_logprobs(policy, seq, att, cols, cfg.temperature)
                 pg = policy_loss(
                     new_logprobs, batch.logprobs[part], batch.advantages[part], m, cfg.cliprange
                 )
-                new_values = response_values(critic, seq, att, m, context_len)
+                new_values = response_values(critic, seq, att, cols)
                 vf, vclip = value_loss(
                     new_values, batch.values[part], batch.returns[part], m, cfg.cliprange_value
                 )

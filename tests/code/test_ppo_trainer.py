@@ -310,8 +310,8 @@ def test_passes_over_the_real_columns_equal_the_padded_passes(
     with torch.no_grad():
         padded_logprobs = sequence_logprobs(policy, ids, attention, context_len, 0.7)
         padded_values = token_scores(critic.model, ids, attention)[:, context_len - 1 : -1]
-        logprobs = response_logprobs(policy, ids, attention, mask, context_len, 0.7)
-        values = response_values(critic, ids, attention, mask, context_len)
+        logprobs = response_logprobs(policy, ids, attention, cols, 0.7)
+        values = response_values(critic, ids, attention, cols)
     assert logprobs.shape == values.shape == mask.shape
     torch.testing.assert_close(logprobs, padded_logprobs * mask, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(values, padded_values * mask, atol=1e-5, rtol=1e-5)
