@@ -164,6 +164,14 @@ def _prefect(team: dict, read):
         return read(client)
 
 
+def _run_log(team: dict, flow_run_id: str) -> list:
+    """The Prefect log of a flow run: what `prefect flow-run logs` shows."""
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    of_run = LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id]))
+    return _prefect(team, lambda client: client.read_logs(of_run))
+
+
 def _wait(what: str, done, log: Path, timeout: float = 900) -> None:
     deadline = time.monotonic() + timeout
     while not done():
@@ -270,8 +278,6 @@ def test_deployed_retraining_on_a_gpu_pool_promotes_a_champion(team, tmp_path: P
         from prefect.client.schemas.filters import (
             FlowRunFilter,
             FlowRunFilterId,
-            LogFilter,
-            LogFilterFlowRunId,
         )
 
         # The runs did not collide: the ingest changed the data only after the retrain had
@@ -284,10 +290,7 @@ def test_deployed_retraining_on_a_gpu_pool_promotes_a_champion(team, tmp_path: P
         (merge,) = [t for t in task_runs if t.name.startswith("merge_and_version")]
         assert merge.start_time > retrain_end, (merge.start_time, retrain_end)
         if ingest_start < retrain_end:
-            logged = _prefect(
-                team,
-                lambda c: c.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[ingest]))),
-            )
+            logged = _run_log(team, ingest)
             assert any(log.message.startswith("waiting for") for log in logged), logged
         version_b = _md5(clone)  # what the ingest committed
         assert version_b != version_a
@@ -338,9 +341,7 @@ def test_deployed_retraining_on_a_gpu_pool_promotes_a_champion(team, tmp_path: P
         resumed = start("rlhf_pipeline/rlhf-retrain", "--params", longer)
         _wait(resumed, lambda: flow_run(resumed).state.is_final(), worker_log)
         assert flow_run(resumed).state.is_completed(), worker_log.read_text()[-8000:]
-        logged = _prefect(
-            team, lambda c: c.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[resumed])))
-        )
+        logged = _run_log(team, resumed)
         resumed_from = [log.message for log in logged if log.message.startswith("resuming from")]
         assert resumed_from and any(
             f"artifacts/policy/checkpoints/{name}" in resumed_from[0] for name in kept
@@ -356,15 +357,13 @@ def test_deployed_retraining_on_a_gpu_pool_promotes_a_champion(team, tmp_path: P
         _wait(refused, lambda: flow_run(refused).state.is_final(), worker_log)
         assert flow_run(refused).state.is_failed(), flow_run(refused).state
 
-        def refused_log() -> str:
-            of_run = LogFilter(flow_run_id=LogFilterFlowRunId(any_=[refused]))
-            return "\n".join(log.message for log in _prefect(team, lambda c: c.read_logs(of_run)))
-
         # (the run's last logs reach the API in its log handler's last batch, after its state)
-        _wait("the refused batch's log", lambda: "Finished in state" in refused_log(), worker_log)
-        logged = _prefect(
-            team, lambda c: c.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[refused])))
+        _wait(
+            "the refused batch's log",
+            lambda: any("Finished in state" in log.message for log in _run_log(team, refused)),
+            worker_log,
         )
+        logged = _run_log(team, refused)
         text = "\n".join(log.message for log in logged)
         assert "chosen_differs" in text and "bad.jsonl:1" in text, text
         tracebacks = [log.message for log in logged if "Traceback" in log.message]
