@@ -20,7 +20,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 # The machine's pip config may list local indexes that do not exist; their warnings are noise.
 PIP_QUIET := 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
 
-.PHONY: setup demo test test-fast bench lint format lock clean
+.PHONY: setup labelstudio demo test test-fast bench lint format lock clean
 
 setup: $(STAMP)
 
@@ -33,6 +33,19 @@ $(STAMP): requirements.lock pyproject.toml
 	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e . $(PIP_QUIET)
 	$(BIN)/python -m pip check
 	@touch $(STAMP)
+
+# Label Studio (`rlhf annotate serve`, the collection tests) in its own venv: its pins (Django,
+# pandas, sentry-sdk) clash with the project's lock. About 1 GB; installed when first needed.
+LS_VENV := .venv-labelstudio
+LS_STAMP := $(LS_VENV)/.installed
+labelstudio: $(LS_STAMP)
+
+$(LS_STAMP): labelstudio/requirements.lock
+	@test -x $(LS_VENV)/bin/python || $(PYTHON) -m venv $(LS_VENV)
+	$(LS_VENV)/bin/python -m pip install --quiet --upgrade pip==$(PIP_VERSION) $(PIP_QUIET)
+	$(LS_VENV)/bin/python -m pip install --quiet --no-deps -r labelstudio/requirements.lock $(PIP_QUIET)
+	$(LS_VENV)/bin/python -m pip check
+	@touch $(LS_STAMP)
 
 # The embedded demo: demo data (regenerated to the version in data.dvc), then the Prefect flow
 # (ephemeral API) with MLflow's embedded store (mlflow.db); it ends with the key metrics, the
@@ -47,7 +60,7 @@ demo: setup
 # tests/registry and the DVC and security tests share while the others run the rest, module by
 # module (tests/conftest.py). It ends with the 15 slowest tests and the total time.
 TEST_WORKERS ?= 2
-test: setup
+test: setup labelstudio
 	@start=$$(date +%s); status=0; \
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --durations=15 || status=$$?; \
 	echo "make test: $$(( $$(date +%s) - start )) s in all"; exit $$status

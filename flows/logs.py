@@ -16,11 +16,12 @@ only what reaches ``sys.stdout`` does. Progress bars (tqdm writes to stderr) sta
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import logging
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from prefect.states import Failed, State
@@ -114,6 +115,21 @@ def user_failure(exc: UserError) -> State:
     without the traceback Prefect would log for an exception, which tells the user nothing
     more. The ``rlhf`` command raises ``exc`` again from the state's data (its exit code)."""
     return Failed(message=f"{type(exc).__name__}: {exc}", data=exc)
+
+
+def quiet_failures(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` for a Prefect task whose user mistakes (``UserError``) end it Failed with the
+    message, in the run's log once, instead of an exception and its traceback."""
+
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except UserError as exc:
+            to_run_log(str(exc))
+            return user_failure(exc)
+
+    return run
 
 
 def say(message: str) -> None:

@@ -13,6 +13,10 @@
     rlhf rollback                                  the champion alias back to the previous one
     rlhf lineage NAME@alias | NAME/version         data md5, DVC remote, commit, runs, params
     rlhf generate "PROMPT" [--model REF]           a response from the champion policy
+    rlhf annotate serve [--port N]                 a local Label Studio on 127.0.0.1
+    rlhf annotate simulate [--per-task N]          the demo's annotators label open tasks
+    rlhf collect                                   answers of the champion as Label Studio tasks
+    rlhf collect pull [--retrain]                  completed annotations -> pairs -> rlhf ingest
 
 Every command takes ``--params FILE`` and DVC-style overrides ``-S section.key=value``.
 Exit codes: 0 success (valid data), 1 invalid data or nothing to do (rollback), 2 usage or
@@ -141,6 +145,26 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("lineage", help="the data, code, params and runs behind a model version")
     p.add_argument("ref", help="NAME@alias or NAME/version, e.g. rlhf-demo-policy@champion")
     _common(p)
+    p = sub.add_parser("annotate", help="Label Studio: the local server, the demo's annotators")
+    annotate_sub = p.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    a = annotate_sub.add_parser("serve", help="run a local Label Studio on 127.0.0.1")
+    a.add_argument("--port", type=int, default=8080)
+    a.add_argument("--database", help="postgresql://user@host:port/name (default: SQLite)")
+    _common(a)
+    a = annotate_sub.add_parser("simulate", help="the demo's simulated annotators label tasks")
+    a.add_argument("--per-task", type=int, default=1, help="people per task (default 1)")
+    a.add_argument("--seed", type=int, default=0)
+    _common(a)
+
+    p = sub.add_parser("collect", help="ask people in Label Studio to compare the policy's answers")
+    collect_sub = p.add_subparsers(dest="action", parser_class=_Parser)
+    c = collect_sub.add_parser("pull", help="ingest the completed annotations as preference pairs")
+    c.add_argument("--no-commit", action="store_true", help="do not git commit data.dvc")
+    c.add_argument("--no-push", action="store_true", help="do not dvc push")
+    c.add_argument("--retrain", action="store_true", help="then trigger rlhf-retrain")
+    _common(c)
+    _common(p)
+
     p = sub.add_parser("generate", help="a response from a registered policy (the champion)")
     p.add_argument("prompt")
     p.add_argument("--model", help="NAME@alias or NAME/version (default: <prefix>-policy@champion)")
@@ -355,6 +379,54 @@ def cmd_registry(args: argparse.Namespace, params: Params) -> int:
     return 0
 
 
+def cmd_annotate(args: argparse.Namespace, params: Params) -> int:
+    from rlhf_tasks import collect, labelstudio
+
+    if args.action == "serve":
+        process, where = labelstudio.start(port=args.port, database=args.database)
+        credentials = labelstudio.LOCAL_DIR / labelstudio.CREDENTIALS
+        print(
+            f"Label Studio at {where.url} (data in {labelstudio.LOCAL_DIR}/); log in as "
+            f"{labelstudio.ADMIN} with the password in {credentials}. Ctrl-C stops it."
+        )
+        try:
+            process.wait()
+        finally:
+            labelstudio.stop(process)
+        return 0
+    with labelstudio.LabelStudio(labelstudio.server()) as client:
+        done = collect.simulate(params, client, args.per_task, args.seed)
+    print(f"{done.get('annotations', 0)} annotation(s) of {done.get('tasks', 0)} open task(s)")
+    return 0
+
+
+def cmd_collect(args: argparse.Namespace) -> int:
+    from flows.api import temporary_api
+
+    with projectlock.hold("`rlhf collect`"), temporary_api() as api:
+        from flows.collect import rlhf_collect, rlhf_collect_pull
+
+        if api is not None:
+            api.wait()
+        if args.action == "pull":
+            state = rlhf_collect_pull(
+                params_path=args.params,
+                overrides=args.overrides,
+                commit=not args.no_commit,
+                push=not args.no_push,
+                retrain=args.retrain,
+                return_state=True,
+            )
+        else:
+            state = rlhf_collect(args.params, args.overrides, return_state=True)
+    if _failed(state, "collection"):
+        return 1
+    result = state.result()
+    if args.action == "pull" and result["batch"] is None:
+        return 1  # nothing to do: no completed task is new
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     environment.set_defaults()
     try:
@@ -372,6 +444,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_dvc_yaml(args)
         if args.command == "ingest":
             return cmd_ingest(args)
+        if args.command == "annotate":
+            return cmd_annotate(args, params)
+        if args.command == "collect":
+            return cmd_collect(args)
         if args.command == "metrics":
             print(metrics_table())
             return 0

@@ -423,6 +423,32 @@ class OrchestrationSection(_Section):
     slot_timeout_s: float = Field(21600, gt=0)
 
 
+class CollectSection(_Section):
+    """``rlhf collect``: preference pairs asked of people in Label Studio (not a stage; changing it
+    re-runs nothing). Prompts come from ``data.prompts_rl`` (never the held-out prompts)."""
+
+    project: str = Field("RLHF preferences", min_length=3)  # the Label Studio project's title
+    num_prompts: int = Field(50, gt=0)  # prompts per collection, not already in the project
+    responses_per_prompt: int = Field(2, gt=0)  # from each model (champion, and challenger)
+    pairs_per_prompt: int = Field(1, gt=0)  # tasks per prompt, of distinct responses
+    max_new_tokens: int = Field(40, gt=0)
+    temperature: float = Field(0.7, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    batch_size: int = Field(64, gt=0)
+    seed: int = 0
+    # The margin a chosen strength becomes (RewardTrainer's margin with reward.use_margin).
+    margins: dict[Literal["slight", "clear", "strong"], float] = {
+        "slight": 0.0,
+        "clear": 1.0,
+        "strong": 2.0,
+    }
+    # An annotator who agrees with the majority on fewer of the tasks several people labelled
+    # than this fails the pull (error) or is reported (warn); judged from `min_shared` tasks.
+    min_agreement: float = Field(0.6, ge=0, le=1)
+    min_shared: int = Field(5, gt=0)
+    agreement_check: Literal["error", "warn", "off"] = "error"
+
+
 class Params(_Section):
     data: DataConfig = DataConfig()
     demo: DemoConfig = DemoConfig()
@@ -441,6 +467,7 @@ class Params(_Section):
     promote: PromoteSection = PromoteSection()
     tracking: TrackingSection = TrackingSection()
     orchestration: OrchestrationSection = OrchestrationSection()
+    collect: CollectSection = CollectSection()
 
     @property
     def validate_config(self) -> ValidateConfig:

@@ -7,7 +7,8 @@ in sorted order). Record formats (TRL's, HH-RLHF, ShareGPT, Alpaca, OpenAI messa
 UltraFeedback) are detected per record or chosen: see ``rlhf_tasks.formats``.
 
 Normalised columns: ``prompt``, ``chosen``, ``rejected`` (preferences) or ``prompt``,
-``completion`` (sft) or ``prompt`` (prompts), plus optional ``id``, ``annotator``, ``margin``.
+``completion`` (sft) or ``prompt`` (prompts), plus optional ``id``, ``annotator``, ``margin``,
+``source`` (where a pair came from, e.g. its Label Studio task).
 
 Files are read as streams (``iter_chunks``: a chunk of rows at a time, memory bounded by the
 chunk, not the file), except JSON documents, which are parsed whole.
@@ -41,7 +42,7 @@ TEXT_COLUMNS: dict[str, tuple[str, ...]] = {
     "sft": ("prompt", "completion"),
     "prompts": ("prompt",),
 }
-OPTIONAL_COLUMNS = ("id", "annotator", "margin")
+OPTIONAL_COLUMNS = ("id", "annotator", "margin", "source")
 PROVENANCE_COLUMNS = ("_file", "_line", "_format", "_missing", "_parse_error")
 # Rows per chunk when a data set is read as a stream (``iter_chunks``).
 DEFAULT_CHUNK_ROWS = 20_000

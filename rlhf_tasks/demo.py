@@ -359,6 +359,18 @@ def make_prompts() -> list[str]:
     return [t.format(x=topic.name, c=c) for topic in TOPICS for t in TEMPLATES for c in CONTEXTS]
 
 
+STRENGTHS = ("slight", "clear", "strong")  # an annotator's stated strength; margin 0, 1, 2
+
+
+def annotate(gold_a: float, gold_b: float, annotator: str, rng: random.Random) -> tuple[bool, str]:
+    """A simulated annotator's label of two answers with these gold scores: whether the first
+    wins (Bradley–Terry with the annotator's own temperature) and the strength they state."""
+    p_a = 1.0 / (1.0 + math.exp(-ANNOTATORS[annotator] * (gold_a - gold_b)))
+    a_wins = rng.random() < p_a
+    perceived = abs(gold_a - gold_b) + rng.gauss(0.0, 1.0 / ANNOTATORS[annotator])
+    return a_wins, STRENGTHS[0 if perceived < 1.0 else 1 if perceived < 3.0 else 2]
+
+
 def make_pairs(
     prompts: list[str], n: int, split: str, rng: random.Random
 ) -> tuple[list[dict], dict[str, float]]:
@@ -377,13 +389,10 @@ def make_pairs(
             continue
         seen.add((prompt, a, b))
         annotator = rng.choice(sorted(ANNOTATORS))
-        p_a = 1.0 / (1.0 + math.exp(-ANNOTATORS[annotator] * (ga - gb)))
-        a_wins = rng.random() < p_a
+        a_wins, strength = annotate(ga, gb, annotator, rng)
         chosen, rejected = (a, b) if a_wins else (b, a)
         agree += a_wins == (ga > gb)
-        # The annotator's stated strength of preference: 0 slight, 1 clear, 2 strong.
-        perceived = abs(ga - gb) + rng.gauss(0.0, 1.0 / ANNOTATORS[annotator])
-        margin = float(0 if perceived < 1.0 else 1 if perceived < 3.0 else 2)
+        margin = float(STRENGTHS.index(strength))
         rows.append(
             {
                 "id": f"{split}-{len(rows):05d}",

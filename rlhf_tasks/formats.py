@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 KINDS = ("preferences", "sft", "prompts")
-OPTIONAL_FIELDS = ("id", "annotator", "margin")
+OPTIONAL_FIELDS = ("id", "annotator", "margin", "source")
 # What data.columns may map a file's keys to.
 FIELDS = (
     "prompt",

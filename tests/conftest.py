@@ -42,6 +42,7 @@ DEMO_RUN_MODULES = (
     "tests/model/test_demo_quality.py",
     "tests/registry/test_demo_registry.py",
     "tests/reliability/test_security.py",
+    "tests/flows/test_collect.py",
 )
 
 

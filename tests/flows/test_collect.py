@@ -1,0 +1,231 @@
+"""Collecting preferences through a real Label Studio server (127.0.0.1, SQLite, started and
+stopped by this module): `rlhf collect` asks about the demo champion's answers, people label
+through Label Studio's HTTP API, `rlhf collect pull` ingests exactly their pairs once; bad
+annotations and a server that is down ingest nothing."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from rlhf_tasks import collect, labelstudio
+from rlhf_tasks.config import load_params
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[labelstudio.Server]:
+    with labelstudio.running(tmp_path_factory.mktemp("labelstudio"), _free_port()) as where:
+        yield where
+
+
+@pytest.fixture(scope="module")
+def client(server: labelstudio.Server) -> Iterator[labelstudio.LabelStudio]:
+    with labelstudio.LabelStudio(server) as ls:
+        yield ls
+
+
+@pytest.fixture
+def use(server: labelstudio.Server, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The commands talk to the test's server, as a team's environment would make them."""
+    monkeypatch.setenv(labelstudio.URL_ENV, server.url)
+    monkeypatch.setenv(labelstudio.KEY_ENV, server.api_key)
+
+
+def _choose(client: labelstudio.LabelStudio, task: int, who: str, choice: str, strength=None):
+    result = [
+        {"from_name": "preference", "to_name": "prompt", "type": "choices",
+         "value": {"choices": [choice]}}
+    ]  # fmt: skip
+    if strength:
+        result.append(
+            {"from_name": "strength", "to_name": "prompt", "type": "choices",
+             "value": {"choices": [strength]}}
+        )  # fmt: skip
+    return client.annotate(task, result, client.user(who)["id"])
+
+
+def _snapshot(root: Path) -> dict[str, bytes]:
+    files = [*sorted((root / "data").rglob("*")), root / "data.dvc"]
+    return {str(p.relative_to(root)): p.read_bytes() for p in files if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def champion_project(demo_run, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the demo run's project: data, a champion in the registry, git and DVC."""
+    dest = tmp_path_factory.mktemp("collect") / "project"
+    shutil.copytree(demo_run.clone, dest, symlinks=True)
+    return dest
+
+
+def test_collect_label_pull_ingest_once(
+    champion_project: Path, client, use, rlhf, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(champion_project)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    title = "Demo preferences"
+    settings = ["-S", f"collect.project={title}", "-S", "collect.num_prompts=6"]
+    code, out, err = rlhf("collect", *settings)
+    assert code == 0, out + err
+    project = client.project(title)
+    assert f"{client.url}/projects/{project['id']}/data" in out + err
+    tasks = client.export(project["id"], all_tasks=True)
+    assert 1 <= len(tasks) <= 6
+    lines = Path("data/prompts/rl.jsonl").read_text().splitlines()
+    pool = {json.loads(line)["prompt"] for line in lines}
+    for task in tasks:
+        data = task["data"]
+        assert data["prompt"] in pool and data["left"] != data["right"]
+        assert data["left_model"] == data["right_model"] == "rlhf-demo-policy/1"
+        assert data["digest"] == collect.digest(data["prompt"], data["left"], data["right"])
+        assert data["sampling"]["temperature"] == 0.7
+
+    # People label through the HTTP API: one task by three people (majority "right"), one tie,
+    # the rest "left" with a strength.
+    first, *rest = [t["id"] for t in tasks]
+    for who, choice in (("ann-a@x.org", "right"), ("ann-b@x.org", "right"), ("c@x.org", "left")):
+        _choose(client, first, who, choice, "strong")
+    if rest:
+        _choose(client, rest[0], "ann-a@x.org", "tie")
+    for task in rest[1:]:
+        _choose(client, task, "ann-a@x.org", "left", "slight")
+    train = Path("data/preferences/train.jsonl")
+    before = train.read_text().splitlines()
+    commits = len(_git_log())
+
+    code, out, err = rlhf("collect", "pull", "--no-push", *settings)
+    assert code == 0, out + err
+    after = train.read_text().splitlines()
+    assert after[: len(before)] == before  # appended, nothing rewritten
+    added = {row["id"]: row for row in map(json.loads, after[len(before) :])}
+    by_task = {t["id"]: t["data"] for t in tasks}
+    expected = {first: "right", **{t: "left" for t in rest[1:]}}
+    assert set(added) == {f"labelstudio-{project['id']}-{t}" for t in expected}
+    for task, side in expected.items():
+        row, data = added[f"labelstudio-{project['id']}-{task}"], by_task[task]
+        other = "left" if side == "right" else "right"
+        assert (row["prompt"], row["chosen"], row["rejected"]) == (
+            data["prompt"], data[side], data[other]
+        )  # fmt: skip
+        source = json.loads(row["source"])
+        assert source["task"] == task and source["project"] == project["id"]
+        assert source["chosen_model"] == data[f"{side}_model"]
+    first_row = added[f"labelstudio-{project['id']}-{first}"]
+    assert first_row["annotator"] == "ann-a@x.org+ann-b@x.org" and first_row["margin"] == 2.0
+    assert all(added[f"labelstudio-{project['id']}-{t}"]["margin"] == 0.0 for t in rest[1:])
+    assert "1 tie" in out + err
+    assert len(_git_log()) == commits + 1  # data.dvc committed: the new data version
+
+    # A second pull finds nothing new and changes nothing.
+    snapshot = _snapshot(champion_project)
+    code, out, err = rlhf("collect", "pull", "--no-push", *settings)
+    assert code == 1 and "nothing new to ingest" in out + err, out + err
+    assert _snapshot(champion_project) == snapshot
+
+
+def _git_log() -> list[str]:
+    import subprocess
+
+    return subprocess.run(
+        ["git", "log", "--format=%H"], capture_output=True, text=True, check=True
+    ).stdout.split()
+
+
+# -- bad annotations: each fails the pull, naming the task; data/ is left byte for byte ---------
+ANSWERS = {
+    "Tell me about dogs in winter.": [
+        ("Dogs love snow. Most dogs enjoy a walk. They are lovely.", "m/1"),
+        ("dogs are", "m/1"),
+    ],
+    "Tell me about cats at night.": [
+        ("Cats hunt at night. Many cats sleep all day. They are great.", "m/1"),
+        ("I do not know much about cats.", "m/1"),
+    ],
+}
+
+
+@pytest.fixture
+def labelled(project: Path, client, use, request) -> tuple[dict, list[int]]:
+    """A project of two tasks (answers given, no model) in a Label Studio project of its own."""
+    title = f"bad {request.node.name}"[:50]
+    params = load_params("params.yaml", [f"collect.project={title}", "collect.pairs_per_prompt=1"])
+    found = collect.project(client, params, create=True)
+    client.import_tasks(found["id"], collect.tasks(params, ANSWERS))
+    ids = sorted(t["id"] for t in client.export(found["id"], all_tasks=True))
+    return {"project": found, "title": title}, ids
+
+
+def _pull_fails(rlhf, title: str, *needles: str) -> str:
+    before = _snapshot(Path("."))
+    code, out, err = rlhf("collect", "pull", "--no-push", "-S", f"collect.project={title}")
+    assert code != 0, out + err
+    for needle in needles:
+        assert needle in err, err
+    assert "Traceback" not in err
+    assert _snapshot(Path(".")) == before
+    return err
+
+
+def test_an_annotation_without_a_choice(labelled, client, rlhf) -> None:
+    info, (first, _) = labelled
+    client.annotate(first, [], client.user("ann-a@x.org")["id"])
+    _pull_fails(rlhf, info["title"], f"task {first}:", "has no choice")
+
+
+def test_one_person_labelling_a_task_two_ways(labelled, client, rlhf) -> None:
+    info, (first, _) = labelled
+    _choose(client, first, "ann-a@x.org", "left")
+    _choose(client, first, "ann-a@x.org", "right")
+    _pull_fails(rlhf, info["title"], f"task {first}:", "ann-a@x.org labelled it two ways")
+
+
+def test_a_task_edited_after_import(labelled, client, rlhf) -> None:
+    info, (first, _) = labelled
+    task = next(t for t in client.export(info["project"]["id"], True) if t["id"] == first)
+    edited = {**task["data"], "left": task["data"]["left"] + " Edited."}
+    client._send("PATCH", f"/api/tasks/{first}/", json={"data": edited})
+    _choose(client, first, "ann-a@x.org", "left")
+    _pull_fails(rlhf, info["title"], f"task {first}:", "edited in Label Studio after import")
+
+
+def test_an_unknown_project_and_no_completed_task(labelled, rlhf) -> None:
+    info, _ = labelled
+    _pull_fails(rlhf, "no such project", "has no project 'no such project'", info["title"])
+    code, out, err = rlhf("collect", "pull", "-S", f"collect.project={info['title']}")
+    assert code == 1 and "0 completed task(s)" in out + err and "nothing new" in out + err
+
+
+def test_label_studio_down(project: Path, rlhf, monkeypatch: pytest.MonkeyPatch) -> None:
+    url = f"http://127.0.0.1:{_free_port()}"
+    monkeypatch.setenv(labelstudio.URL_ENV, url)
+    monkeypatch.setenv(labelstudio.KEY_ENV, "some-token")
+    before = _snapshot(Path("."))
+    code, out, err = rlhf("collect", "pull")
+    assert code == 4, out + err
+    assert f"Label Studio at {url} did not answer" in err and "Traceback" not in err
+    assert _snapshot(Path(".")) == before
+
+
+def test_the_demo_annotators_label_as_users_of_their_own(labelled, client, rlhf) -> None:
+    info, _ = labelled
+    code, out, err = rlhf(
+        "annotate", "simulate", "--per-task", "3", "-S", f"collect.project={info['title']}"
+    )
+    assert code == 0 and "6 annotation(s) of 2 open task(s)" in out, out + err
+    for task in client.export(info["project"]["id"]):
+        people = [a["completed_by"] for a in task["annotations"]]
+        assert len(set(people)) == 3
+    emails = {u["id"]: u["email"] for u in client.users()}
+    assert {emails[p] for p in people} <= {f"ann-{i}@demo.local" for i in range(1, 6)}
