@@ -35,16 +35,18 @@ $(STAMP): requirements.lock pyproject.toml
 	@touch $(STAMP)
 
 # Label Studio (`rlhf annotate serve`, the collection tests) in its own venv: its pins (Django,
-# pandas, sentry-sdk) clash with the project's lock. About 1 GB; installed when first needed.
+# pandas, sentry-sdk) clash with the project's lock. About 1 GB, 2-3 minutes; installed when
+# first needed.
 LS_VENV := .venv-labelstudio
 LS_STAMP := $(LS_VENV)/.installed
 labelstudio: $(LS_STAMP)
 
-$(LS_STAMP): labelstudio/requirements.lock
+$(LS_STAMP): labelstudio/requirements.lock labelstudio/blank_db.py
 	@test -x $(LS_VENV)/bin/python || $(PYTHON) -m venv $(LS_VENV)
 	$(LS_VENV)/bin/python -m pip install --quiet --upgrade pip==$(PIP_VERSION) $(PIP_QUIET)
 	$(LS_VENV)/bin/python -m pip install --quiet --no-deps -r labelstudio/requirements.lock $(PIP_QUIET)
 	$(LS_VENV)/bin/python -m pip check
+	$(LS_VENV)/bin/python labelstudio/blank_db.py $(LS_VENV)/blank-db  # a first start in seconds
 	@touch $(LS_STAMP)
 
 # The embedded demo: demo data (regenerated to the version in data.dvc), then the Prefect flow

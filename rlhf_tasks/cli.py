@@ -402,7 +402,11 @@ def cmd_annotate(args: argparse.Namespace, params: Params) -> int:
 
 def cmd_collect(args: argparse.Namespace) -> int:
     from flows.api import temporary_api
+    from rlhf_tasks import labelstudio
 
+    # A server that is down or refuses the key fails here, before a Prefect API is started.
+    with labelstudio.LabelStudio(labelstudio.server()) as client:
+        client.whoami()
     with projectlock.hold("`rlhf collect`"), temporary_api() as api:
         from flows.collect import rlhf_collect, rlhf_collect_pull
 

@@ -43,6 +43,8 @@ VENV = Path(".venv-labelstudio")
 BIN_ENV = "LABEL_STUDIO_BIN"  # another label-studio executable than the project's own venv's
 DEFAULT_PORT = 8080
 ADMIN = "admin@localhost"
+SQLITE = "label_studio.sqlite3"  # the database in a data directory (the embedded default)
+BLANK_DB = Path("blank-db") / SQLITE  # in Label Studio's venv: `make labelstudio` migrates it
 
 
 class LabelStudioError(ResourceError):
@@ -127,6 +129,10 @@ class LabelStudio:
                 f"{_detail(response)}"
             )
         return response.json() if response.content else None
+
+    def whoami(self) -> dict[str, Any]:
+        """The key's user: that the server answers and takes the key."""
+        return self._send("GET", "/api/current-user/whoami")
 
     # -- projects and tasks ---------------------------------------------------------------------
     def projects(self) -> list[dict[str, Any]]:
@@ -238,6 +244,10 @@ def start(
     data_dir = data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(data_dir, 0o700)
+    program = executable()
+    blank = Path(program).resolve().parent.parent / BLANK_DB
+    if database is None and blank.exists() and not (data_dir / SQLITE).exists():
+        shutil.copyfile(blank, data_dir / SQLITE)  # migrated already: seconds, not ~40 s
     path = data_dir / CREDENTIALS
     url = f"http://127.0.0.1:{port}"
     if path.exists():
@@ -250,7 +260,7 @@ def start(
     with os.fdopen(fd, "w") as out:
         json.dump(saved, out, indent=2)
     command = [
-        executable(),
+        program,
         "start",
         "--no-browser",
         "--internal-host",

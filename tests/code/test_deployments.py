@@ -24,7 +24,7 @@ def _flow(entrypoint: str):
     return getattr(module, name)
 
 
-@pytest.mark.parametrize("name", ["rlhf-retrain", "rlhf-ingest"])
+@pytest.mark.parametrize("name", ["rlhf-retrain", "rlhf-ingest", "rlhf-collect"])
 def test_each_deployment_sets_only_parameters_its_flow_takes(name: str) -> None:
     deployment = _deployments()[name]
     signature = inspect.signature(_flow(deployment["entrypoint"]).fn)

@@ -9,12 +9,14 @@ import json
 import shutil
 import socket
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from rlhf_tasks import collect, labelstudio
-from rlhf_tasks.config import load_params
+from rlhf_tasks.config import Params, load_params
+from rlhf_tasks.errors import ConfigError, DataError
 
 pytestmark = pytest.mark.slow
 
@@ -128,11 +130,10 @@ def test_collect_label_pull_ingest_once(
     assert "1 tie" in out + err
     assert len(_git_log()) == commits + 1  # data.dvc committed: the new data version
 
-    # A second pull finds nothing new and changes nothing.
-    snapshot = _snapshot(champion_project)
-    code, out, err = rlhf("collect", "pull", "--no-push", *settings)
-    assert code == 1 and "nothing new to ingest" in out + err, out + err
-    assert _snapshot(champion_project) == snapshot
+    # Pulled again, every pair is in the data already: nothing new to ingest.
+    again = collect.pull(load_params("params.yaml", [f"collect.project={title}"]), client)
+    assert again["batch"] is None and again["new_pairs"] == 0
+    assert again["already_ingested"] == len(expected)
 
 
 def _git_log() -> list[str]:
@@ -143,7 +144,9 @@ def _git_log() -> list[str]:
     ).stdout.split()
 
 
-# -- bad annotations: each fails the pull, naming the task; data/ is left byte for byte ---------
+# -- bad annotations: each fails the pull, naming the task; nothing is ingested ------------------
+# The checks are collect.pull's (called directly); one of them, and a pull with nothing new, also
+# through `rlhf collect pull`, which must then leave data/ byte for byte as it was.
 ANSWERS = {
     "Tell me about dogs in winter.": [
         ("Dogs love snow. Most dogs enjoy a walk. They are lovely.", "m/1"),
@@ -156,55 +159,65 @@ ANSWERS = {
 }
 
 
+@dataclass(frozen=True)
+class Labelled:
+    title: str
+    project_id: int
+    tasks: list[int]
+    params: Params
+
+
 @pytest.fixture
-def labelled(project: Path, client, use, request) -> tuple[dict, list[int]]:
-    """A project of two tasks (answers given, no model) in a Label Studio project of its own."""
+def labelled(project: Path, client, use, request) -> Labelled:
+    """Two tasks (answers given, no model) in a Label Studio project of the test's own."""
     title = f"bad {request.node.name}"[:50]
-    params = load_params("params.yaml", [f"collect.project={title}", "collect.pairs_per_prompt=1"])
+    params = load_params("params.yaml", [f"collect.project={title}"])
     found = collect.project(client, params, create=True)
     client.import_tasks(found["id"], collect.tasks(params, ANSWERS))
     ids = sorted(t["id"] for t in client.export(found["id"], all_tasks=True))
-    return {"project": found, "title": title}, ids
+    return Labelled(title, found["id"], ids, params)
 
 
-def _pull_fails(rlhf, title: str, *needles: str) -> str:
-    before = _snapshot(Path("."))
-    code, out, err = rlhf("collect", "pull", "--no-push", "-S", f"collect.project={title}")
-    assert code != 0, out + err
-    for needle in needles:
-        assert needle in err, err
-    assert "Traceback" not in err
-    assert _snapshot(Path(".")) == before
-    return err
-
-
-def test_an_annotation_without_a_choice(labelled, client, rlhf) -> None:
-    info, (first, _) = labelled
+def test_an_annotation_without_a_choice(labelled: Labelled, client) -> None:
+    first = labelled.tasks[0]
     client.annotate(first, [], client.user("ann-a@x.org")["id"])
-    _pull_fails(rlhf, info["title"], f"task {first}:", "has no choice")
+    with pytest.raises(DataError, match=f"^task {first}: annotation .* has no choice"):
+        collect.pull(labelled.params, client)
 
 
-def test_one_person_labelling_a_task_two_ways(labelled, client, rlhf) -> None:
-    info, (first, _) = labelled
+def test_one_person_labelling_a_task_two_ways(labelled: Labelled, client) -> None:
+    first = labelled.tasks[0]
     _choose(client, first, "ann-a@x.org", "left")
     _choose(client, first, "ann-a@x.org", "right")
-    _pull_fails(rlhf, info["title"], f"task {first}:", "ann-a@x.org labelled it two ways")
+    with pytest.raises(DataError, match=f"^task {first}: ann-a@x.org labelled it two ways"):
+        collect.pull(labelled.params, client)
 
 
-def test_a_task_edited_after_import(labelled, client, rlhf) -> None:
-    info, (first, _) = labelled
-    task = next(t for t in client.export(info["project"]["id"], True) if t["id"] == first)
+def test_an_unknown_project(labelled: Labelled, client) -> None:
+    params = load_params("params.yaml", ["collect.project=no such project"])
+    with pytest.raises(ConfigError, match=f"has no project 'no such project'.*{labelled.title}"):
+        collect.pull(params, client)
+
+
+def test_a_task_edited_after_import(labelled: Labelled, client, rlhf) -> None:
+    first = labelled.tasks[0]
+    task = next(t for t in client.export(labelled.project_id, True) if t["id"] == first)
     edited = {**task["data"], "left": task["data"]["left"] + " Edited."}
     client._send("PATCH", f"/api/tasks/{first}/", json={"data": edited})
     _choose(client, first, "ann-a@x.org", "left")
-    _pull_fails(rlhf, info["title"], f"task {first}:", "edited in Label Studio after import")
+    _choose(client, labelled.tasks[1], "ann-a@x.org", "right")  # a good one: not ingested either
+    before = _snapshot(Path("."))
+    code, out, err = rlhf("collect", "pull", "--no-push", "-S", f"collect.project={labelled.title}")
+    assert code == 1, out + err
+    assert f"task {first}: its prompt or answers were edited in Label Studio" in err, err
+    assert "Traceback" not in out + err
+    assert _snapshot(Path(".")) == before
 
 
-def test_an_unknown_project_and_no_completed_task(labelled, rlhf) -> None:
-    info, _ = labelled
-    _pull_fails(rlhf, "no such project", "has no project 'no such project'", info["title"])
-    code, out, err = rlhf("collect", "pull", "-S", f"collect.project={info['title']}")
-    assert code == 1 and "0 completed task(s)" in out + err and "nothing new" in out + err
+def test_a_pull_with_no_completed_task(labelled: Labelled, rlhf) -> None:
+    code, out, err = rlhf("collect", "pull", "-S", f"collect.project={labelled.title}")
+    assert code == 1, out + err
+    assert "0 completed task(s)" in out + err and "nothing new to ingest" in out + err
 
 
 def test_label_studio_down(project: Path, rlhf, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -218,13 +231,12 @@ def test_label_studio_down(project: Path, rlhf, monkeypatch: pytest.MonkeyPatch)
     assert _snapshot(Path(".")) == before
 
 
-def test_the_demo_annotators_label_as_users_of_their_own(labelled, client, rlhf) -> None:
-    info, _ = labelled
+def test_the_demo_annotators_label_as_users_of_their_own(labelled: Labelled, client, rlhf) -> None:
     code, out, err = rlhf(
-        "annotate", "simulate", "--per-task", "3", "-S", f"collect.project={info['title']}"
+        "annotate", "simulate", "--per-task", "3", "-S", f"collect.project={labelled.title}"
     )
     assert code == 0 and "6 annotation(s) of 2 open task(s)" in out, out + err
-    for task in client.export(info["project"]["id"]):
+    for task in client.export(labelled.project_id):
         people = [a["completed_by"] for a in task["annotations"]]
         assert len(set(people)) == 3
     emails = {u["id"]: u["email"] for u in client.users()}
