@@ -89,8 +89,10 @@ class Policy:
 
 
 def policies(params: Params) -> list[Policy]:
-    """The champion, and the challenger when it is another version: loaded from the registry."""
+    """The champion, and the challenger when it is another version: loaded from the registry
+    (on the GPU when there is one)."""
     import mlflow
+    import torch
 
     from rlhf_tasks import promote
     from rlhf_tasks.tracking import logged_models, store
@@ -105,11 +107,12 @@ def policies(params: Params) -> list[Policy]:
     if challenger is not None and challenger.version != champion.version:
         versions.append(challenger)
     mlflow.set_tracking_uri(store.tracking_uri())
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     loaded = []
     for mv in versions:
         parts = logged_models.load_logged_model(f"models:/{mv.name}/{mv.version}", params.model)
         ref = f"{mv.name}/{mv.version}"
-        loaded.append(Policy(ref, parts["model"].eval(), parts["tokenizer"]))
+        loaded.append(Policy(ref, parts["model"].to(device).eval(), parts["tokenizer"]))
     return loaded
 
 
