@@ -27,21 +27,29 @@ from rlhf_tasks.config import DEFAULT_PARAMS, load_params
 from rlhf_tasks.errors import UserError
 
 
+def _step(fn: Any, name: str, params_path: str, overrides: list[str] | None) -> tuple[Any, Any]:
+    """``fn(params, client)`` as the task ``name``, against the project's Label Studio:
+    (its result, None), or (None, the flow's Failed state) after a user's mistake."""
+    try:
+        params = load_params(params_path, overrides or [])
+        with labelstudio.LabelStudio(labelstudio.server()) as client:
+            step = task(logs.quiet_failures(fn), name=name, cache_policy=NO_CACHE)
+            state = step(params, client, return_state=True)
+    except UserError as exc:
+        return None, logs.user_failure(exc)
+    if state.is_failed():
+        return None, logs.user_failure(state.result(raise_on_failure=False))
+    return state.result(), None
+
+
 @flow(name="rlhf_collect")
 def rlhf_collect(
     params_path: str = str(DEFAULT_PARAMS), overrides: list[str] | None = None
 ) -> dict[str, Any] | State:
     environment.set_defaults()
-    try:
-        params = load_params(params_path, overrides or [])
-        with labelstudio.LabelStudio(labelstudio.server()) as client:
-            step = task(logs.quiet_failures(collect.collect), name="collect", cache_policy=NO_CACHE)
-            state = step(params, client, return_state=True)
-    except UserError as exc:
-        return logs.user_failure(exc)
-    if state.is_failed():
-        return logs.user_failure(state.result(raise_on_failure=False))
-    made = state.result()
+    made, failed = _step(collect.collect, "collect", params_path, overrides)
+    if failed:
+        return failed
     logs.say(
         f"{made['tasks']} task(s) for {made['prompts']} prompt(s), answers of "
         f"{', '.join(made['models'])}, in Label Studio project {made['project_id']} "
@@ -59,29 +67,15 @@ def rlhf_collect_pull(
     retrain: bool = False,
 ) -> dict[str, Any] | State:
     environment.set_defaults()
-    try:
-        params = load_params(params_path, overrides or [])
-        with labelstudio.LabelStudio(labelstudio.server()) as client:
-            step = task(logs.quiet_failures(collect.pull), name="pull", cache_policy=NO_CACHE)
-            state = step(params, client, return_state=True)
-    except UserError as exc:
-        return logs.user_failure(exc)
-    if state.is_failed():
-        return logs.user_failure(state.result(raise_on_failure=False))
-    summary = state.result()
+    summary, failed = _step(collect.pull, "pull", params_path, overrides)
+    if failed:
+        return failed
     logs.say(collect.describe_pull(summary))
     if summary["batch"] is None:
         logs.say("nothing new to ingest")
         return summary
-    state = rlhf_ingest(
-        summary["batch"],
-        params_path=params_path,
-        overrides=overrides or [],
-        commit=commit,
-        push=push,
-        retrain=retrain,
-        return_state=True,
-    )
+    how = {"commit": commit, "push": push, "retrain": retrain}
+    state = rlhf_ingest(summary["batch"], params_path, overrides or [], **how, return_state=True)
     if not state.is_completed():
         return state
     return summary | {"ingest": state.result()}

@@ -338,6 +338,11 @@ def cmd_init(args: argparse.Namespace, argv: list[str]) -> int:
     return 0
 
 
+def _ingest_options(args: argparse.Namespace) -> dict[str, bool]:
+    """What `rlhf ingest` and `rlhf collect pull` do after the gate (their shared flags)."""
+    return {"commit": not args.no_commit, "push": not args.no_push, "retrain": args.retrain}
+
+
 def cmd_ingest(args: argparse.Namespace) -> int:
     from flows.api import temporary_api
 
@@ -350,13 +355,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
             if api is not None:
                 api.wait()
             state = rlhf_ingest(
-                args.batch,
-                params_path=args.params,
-                overrides=args.overrides,
-                commit=not args.no_commit,
-                push=not args.no_push,
-                retrain=args.retrain,
-                return_state=True,
+                args.batch, args.params, args.overrides, **_ingest_options(args), return_state=True
             )
     return 1 if _failed(state, "ingestion") else 0
 
@@ -414,12 +413,7 @@ def cmd_collect(args: argparse.Namespace) -> int:
             api.wait()
         if args.action == "pull":
             state = rlhf_collect_pull(
-                params_path=args.params,
-                overrides=args.overrides,
-                commit=not args.no_commit,
-                push=not args.no_push,
-                retrain=args.retrain,
-                return_state=True,
+                args.params, args.overrides, **_ingest_options(args), return_state=True
             )
         else:
             state = rlhf_collect(args.params, args.overrides, return_state=True)
