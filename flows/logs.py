@@ -126,8 +126,8 @@ def quiet_failures(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except UserError as exc:
-            to_run_log(str(exc))
-            return user_failure(exc)
+            to_run_log(str(exc))  # the whole message, once; the state says its first line
+            return Failed(message=str(exc).splitlines()[0], data=exc)
 
     return run
 

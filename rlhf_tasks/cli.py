@@ -32,6 +32,7 @@ import filecmp
 import json
 import os
 import shutil
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -388,11 +389,17 @@ def cmd_annotate(args: argparse.Namespace, params: Params) -> int:
             f"Label Studio at {where.url} (data in {labelstudio.LOCAL_DIR}/); log in as "
             f"{labelstudio.ADMIN} with the password in {credentials}. Ctrl-C stops it."
         )
+        # Ctrl-C or SIGTERM stops the server too (it runs in a process group of its own).
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
         try:
-            process.wait()
+            code = process.wait()
+        except KeyboardInterrupt:
+            print("stopping Label Studio")
+            return 0
         finally:
             labelstudio.stop(process)
-        return 0
+        log = labelstudio.LOCAL_DIR / "server.log"
+        raise labelstudio.LabelStudioError(f"Label Studio exited with code {code}; see {log}")
     with labelstudio.LabelStudio(labelstudio.server()) as client:
         done = collect.simulate(params, client, args.per_task, args.seed)
     print(f"{done.get('annotations', 0)} annotation(s) of {done.get('tasks', 0)} open task(s)")

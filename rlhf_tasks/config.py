@@ -444,8 +444,8 @@ class CollectSection(_Section):
     }
     # An annotator who agrees with the majority on fewer of the tasks several people labelled
     # than this fails the pull (error) or is reported (warn); judged from `min_shared` tasks.
-    min_agreement: float = Field(0.6, ge=0, le=1)
-    min_shared: int = Field(5, gt=0)
+    min_agreement: float = Field(0.5, ge=0, le=1)  # below it: worse than a coin on A or B
+    min_shared: int = Field(20, gt=0)
     agreement_check: Literal["error", "warn", "off"] = "error"
 
 

@@ -197,14 +197,21 @@ def _detail(response: Any) -> str:
 
 # -- the local server ---------------------------------------------------------------------------
 def executable() -> str:
-    """The ``label-studio`` command: ``LABEL_STUDIO_BIN``, else the project's own venv's."""
-    chosen = os.environ.get(BIN_ENV) or str(VENV / "bin" / "label-studio")
-    if not Path(chosen).exists() and not shutil.which(chosen):
-        raise ConfigError(
-            f"{chosen}: no Label Studio to start; `make labelstudio` installs it into {VENV} "
-            f"(or set {BIN_ENV}, or use a running server through {URL_ENV} and {KEY_ENV})"
-        )
-    return chosen
+    """The ``label-studio`` command: ``LABEL_STUDIO_BIN``, else that of ``make labelstudio``'s
+    venv in this directory or in the checkout this package runs from."""
+    if chosen := os.environ.get(BIN_ENV):
+        if not Path(chosen).exists() and not shutil.which(chosen):
+            raise ConfigError(f"{BIN_ENV}={chosen}: no such executable")
+        return chosen
+    places = [VENV, Path(__file__).resolve().parents[1] / VENV]
+    for venv in places:
+        if (venv / "bin" / "label-studio").exists():
+            return str(venv / "bin" / "label-studio")
+    raise ConfigError(
+        f"no Label Studio to start in {' or '.join(map(str, places))}: `make labelstudio` "
+        f"installs it (or set {BIN_ENV}, or use a running server through {URL_ENV} and "
+        f"{KEY_ENV})"
+    )
 
 
 def _environment(data_dir: Path, database: str | None) -> dict[str, str]:

@@ -7,12 +7,17 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import socket
+import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
+from helpers import BIN, env
 
 from rlhf_tasks import collect, labelstudio
 from rlhf_tasks.config import Params, load_params
@@ -241,3 +246,34 @@ def test_the_demo_annotators_label_as_users_of_their_own(labelled: Labelled, cli
         assert len(set(people)) == 3
     emails = {u["id"]: u["email"] for u in client.users()}
     assert {emails[p] for p in people} <= {f"ann-{i}@demo.local" for i in range(1, 6)}
+
+
+def test_annotate_serve_runs_a_local_server_until_ctrl_c(project: Path) -> None:
+    """`rlhf annotate serve`: Label Studio on 127.0.0.1 with a local admin whose key is in a
+    file only its owner reads, and gone after Ctrl-C."""
+    port = _free_port()
+    command = [BIN / "rlhf", "annotate", "serve", "--port", str(port)]
+    proc = subprocess.Popen(
+        command, cwd=project, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    credentials = project / ".labelstudio" / "credentials.json"
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        saved = json.loads(credentials.read_text())
+        assert credentials.stat().st_mode & 0o777 == 0o600
+        with labelstudio.LabelStudio(labelstudio.Server(saved["url"], saved["api_key"])) as ls:
+            assert ls.whoami()["email"] == labelstudio.ADMIN
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    assert f"Label Studio at http://127.0.0.1:{port}" in out and "stopping Label Studio" in out
+    assert saved["api_key"] not in out and saved["password"] not in out
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
