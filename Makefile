@@ -20,7 +20,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 # The machine's pip config may list local indexes that do not exist; their warnings are noise.
 PIP_QUIET := 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
 
-.PHONY: setup labelstudio demo test test-fast bench lint format lock clean
+.PHONY: setup labelstudio browser demo test test-fast bench lint format lock clean
 
 setup: $(STAMP)
 
@@ -49,6 +49,14 @@ $(LS_STAMP): labelstudio/requirements.lock labelstudio/blank_db.py
 	$(LS_VENV)/bin/python labelstudio/blank_db.py $(LS_VENV)/blank-db  # a first start in seconds
 	@touch $(LS_STAMP)
 
+# Headless Chromium for the labelling test in a real browser (tests/flows/test_collect.py,
+# driven by Playwright): Debian's package, installed as root when missing. Another build:
+# RLHF_CHROMIUM=/path/to/chromium make test.
+RLHF_CHROMIUM ?= /usr/bin/chromium
+export RLHF_CHROMIUM
+browser:
+	@test -x $(RLHF_CHROMIUM) || { apt-get update -qq && apt-get install -y -qq chromium > /dev/null; }
+
 # The embedded demo: demo data (regenerated to the version in data.dvc), then the Prefect flow
 # (ephemeral API) with MLflow's embedded store (mlflow.db); it ends with the key metrics, the
 # promotion decision and the registry.
@@ -62,7 +70,7 @@ demo: setup
 # tests/registry and the DVC and security tests share while the others run the rest, module by
 # module (tests/conftest.py). It ends with the 15 slowest tests and the total time.
 TEST_WORKERS ?= 2
-test: setup labelstudio
+test: setup labelstudio browser
 	@start=$$(date +%s); status=0; \
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --durations=15 || status=$$?; \
 	echo "make test: $$(( $$(date +%s) - start )) s in all"; exit $$status

@@ -6,6 +6,7 @@ annotations and a server that is down ingest nothing."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import socket
@@ -33,8 +34,14 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[labelstudio.Server]:
-    with labelstudio.running(tmp_path_factory.mktemp("labelstudio"), _free_port()) as where:
+def server_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The test server's data: its SQLite database and the admin's credentials."""
+    return tmp_path_factory.mktemp("labelstudio")
+
+
+@pytest.fixture(scope="module")
+def server(server_dir: Path) -> Iterator[labelstudio.Server]:
+    with labelstudio.running(server_dir, _free_port()) as where:
         yield where
 
 
@@ -175,7 +182,7 @@ class Labelled:
 @pytest.fixture
 def labelled(project: Path, client, use, request) -> Labelled:
     """Two tasks (answers given, no model) in a Label Studio project of the test's own."""
-    title = f"bad {request.node.name}"[:50]
+    title = f"test {request.node.name}"[:50]
     params = load_params("params.yaml", [f"collect.project={title}"])
     found = collect.project(client, params, create=True)
     client.import_tasks(found["id"], collect.tasks(params, ANSWERS))
@@ -277,3 +284,61 @@ def test_annotate_serve_runs_a_local_server_until_ctrl_c(project: Path) -> None:
     assert saved["api_key"] not in out and saved["password"] not in out
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
+
+
+CHROMIUM = os.environ.get("RLHF_CHROMIUM", "/usr/bin/chromium")  # `make browser` installs it
+SCREENSHOTS = Path(__file__).resolve().parents[2] / "test-artifacts"
+
+
+def test_a_person_labels_in_a_real_browser(
+    labelled: Labelled, server, server_dir: Path, client
+) -> None:
+    """Headless Chromium logs into Label Studio as its admin, opens a task, picks answer B with
+    a clear strength and submits; the pull then holds exactly that pair, B chosen. The
+    labelling page is kept as test-artifacts/labelstudio-labelling.png."""
+    from playwright.sync_api import sync_playwright
+
+    assert Path(CHROMIUM).exists(), f"{CHROMIUM}: no Chromium (`make browser` installs it)"
+    credentials = json.loads((server_dir / labelstudio.CREDENTIALS).read_text())
+    task = next(t for t in client.export(labelled.project_id, True) if t["id"] == labelled.tasks[0])
+    SCREENSHOTS.mkdir(exist_ok=True)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.goto(f"{server.url}/user/login")
+            page.fill("input[name=email]", credentials["email"])
+            page.fill("input[name=password]", credentials["password"])
+            page.click("button[type=submit]")
+            page.wait_for_load_state("networkidle")
+            page.goto(f"{server.url}/projects/{labelled.project_id}/data?task={task['id']}")
+            page.get_by_text("B is better").wait_for(timeout=60_000)
+            page.get_by_text(task["data"]["right"]).first.wait_for()  # the answers, as imported
+            page.screenshot(path=SCREENSHOTS / "labelstudio-labelling.png")
+            page.get_by_text("B is better").click()
+            page.locator("label", has_text="clear").first.click()
+            page.get_by_role("button", name="Submit").click()
+            deadline = time.monotonic() + 30
+            while not client.export(labelled.project_id) and time.monotonic() < deadline:
+                time.sleep(0.5)
+        finally:
+            browser.close()
+    pulled = collect.pull(labelled.params, client)
+    (pair,) = [json.loads(line) for line in Path(pulled["batch"]).read_text().splitlines()]
+    data = task["data"]
+    assert (pair["prompt"], pair["chosen"], pair["rejected"]) == (
+        data["prompt"], data["right"], data["left"]
+    )  # fmt: skip
+    assert pair["annotator"] == labelstudio.ADMIN and pair["margin"] == 1.0
+
+
+# Headless, as root, on a machine with no network but loopback: no sandbox, no GPU, and none of
+# Chromium's own background connections.
+CHROMIUM_FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
