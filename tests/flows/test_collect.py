@@ -156,6 +156,20 @@ def _git_log() -> list[str]:
     ).stdout.split()
 
 
+def test_a_personal_access_token_or_a_wrong_key(server: labelstudio.Server, client) -> None:
+    """A team's key is usually a personal access token (a JWT refresh token, exchanged for an
+    access token); a key the server refuses is a clear error naming the server."""
+    token = client._send("POST", "/api/token/")["token"]
+    with labelstudio.LabelStudio(labelstudio.Server(server.url, token)) as team:
+        assert team.whoami()["email"] == labelstudio.ADMIN
+        assert team._http.headers["Authorization"].startswith("Bearer ")
+    with (
+        labelstudio.LabelStudio(labelstudio.Server(server.url, "not-the-key")) as wrong,
+        pytest.raises(labelstudio.LabelStudioError, match=f"at {server.url} refused the API key"),
+    ):
+        wrong.whoami()
+
+
 # -- bad annotations: each fails the pull, naming the task; nothing is ingested ------------------
 # The checks are collect.pull's (called directly); one of them, and a pull with nothing new, also
 # through `rlhf collect pull`, which must then leave data/ byte for byte as it was.
