@@ -264,6 +264,7 @@ def start(
         saved["api_key"] = secrets.token_hex(20)
     saved["url"] = url
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # a file that was there keeps its mode otherwise
     with os.fdopen(fd, "w") as out:
         json.dump(saved, out, indent=2)
     command = [
@@ -278,12 +279,11 @@ def start(
         url,
         "--data-dir",
         str(data_dir),
-        "--username",
-        saved["email"],
-        "--password",
-        saved["password"],
-        "--user-token",
-        saved["api_key"],
+        # KEY=VALUE: a random password may start with "-", which argparse would take for an
+        # option ("--password: expected one argument").
+        f"--username={saved['email']}",
+        f"--password={saved['password']}",
+        f"--user-token={saved['api_key']}",
         "--enable-legacy-api-token",
     ]
     log = (data_dir / "server.log").open("ab")

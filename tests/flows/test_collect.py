@@ -274,10 +274,15 @@ def test_annotate_serve_runs_a_local_server_until_ctrl_c(project: Path) -> None:
     file only its owner reads, and gone after Ctrl-C."""
     port = _free_port()
     command = [BIN / "rlhf", "annotate", "serve", "--port", str(port)]
+    credentials = project / ".labelstudio" / "credentials.json"
+    # Kept from an earlier start: a password that starts with "-" (as a random one may) is
+    # passed to Label Studio's argparse as a value, not taken for an option.
+    credentials.parent.mkdir()
+    earlier = {"email": labelstudio.ADMIN, "password": "-a-b-c-1234", "api_key": "f00d" * 10}
+    credentials.write_text(json.dumps(earlier))
     proc = subprocess.Popen(
         command, cwd=project, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
-    credentials = project / ".labelstudio" / "credentials.json"
     try:
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline and proc.poll() is None:
@@ -287,6 +292,7 @@ def test_annotate_serve_runs_a_local_server_until_ctrl_c(project: Path) -> None:
             except httpx.HTTPError:
                 time.sleep(0.5)
         saved = json.loads(credentials.read_text())
+        assert saved == {**earlier, "url": f"http://127.0.0.1:{port}"}
         assert credentials.stat().st_mode & 0o777 == 0o600
         with labelstudio.LabelStudio(labelstudio.Server(saved["url"], saved["api_key"])) as ls:
             assert ls.whoami()["email"] == labelstudio.ADMIN
