@@ -22,6 +22,7 @@ Anything wrong with a task fails the whole pull, naming the task: nothing is ing
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import random
@@ -131,13 +132,12 @@ def sample_prompts(params: Params, asked: set[str]) -> list[str]:
 
 
 def sampling(params: Params) -> dict[str, Any]:
-    cfg = params.collect
-    return {
-        "max_new_tokens": cfg.max_new_tokens,
-        "temperature": cfg.temperature,
-        "top_p": cfg.top_p,
-        "seed": cfg.seed,
-    }
+    """The sampling settings a task records (serving.Sampling's, but the batch size)."""
+    from rlhf_tasks import serving
+
+    settings = dataclasses.asdict(serving.Sampling.of(params.collect))
+    del settings["batch_size"]
+    return settings
 
 
 def answers(params: Params, prompts: list[str], models: list[Policy]) -> dict[str, list]:
@@ -145,7 +145,7 @@ def answers(params: Params, prompts: list[str], models: list[Policy]) -> dict[st
     from rlhf_tasks import serving
     from rlhf_tasks.formats import prompt_messages
 
-    how = serving.Sampling(**sampling(params), batch_size=params.collect.batch_size)
+    how = serving.Sampling.of(params.collect)
     found: dict[str, list[tuple[str, str]]] = {p: [] for p in prompts}
     k = params.collect.responses_per_prompt
     for policy in models:
