@@ -7,6 +7,8 @@ they said (``rlhf_tasks/collect.py``).
   (the gate, ``data/``, ``dvc add``, git commit, ``dvc push``; with ``retrain``, a retraining).
   The ``rlhf-collect`` deployment runs it on a schedule. A pull that finds nothing new completes
   and ingests nothing; one that finds a bad task fails, naming it, and ingests nothing.
+- ``rlhf_rounds``: iterated RLHF on the demo, N rounds of collect, the demo's simulated
+  annotators, pull and ingest, then the pipeline in-process (``rlhf rounds N``).
 
 The Label Studio server and key come from ``LABEL_STUDIO_URL`` / ``LABEL_STUDIO_API_KEY`` (a
 worker's environment), else the local server's credentials (``rlhf annotate serve``).
@@ -23,6 +25,7 @@ from prefect.states import State
 from flows import logs
 from flows.ingest import rlhf_ingest
 from rlhf_tasks import collect, environment, labelstudio
+from rlhf_tasks import rounds as rounds_table
 from rlhf_tasks.config import DEFAULT_PARAMS, load_params
 from rlhf_tasks.errors import UserError
 
@@ -79,3 +82,58 @@ def rlhf_collect_pull(
     if not state.is_completed():
         return state
     return summary | {"ingest": state.result()}
+
+
+def _label(per_task: int, seed: int) -> Any:
+    """The demo's simulated annotators as a step function (``collect.simulate``)."""
+
+    def label(params: Any, client: labelstudio.LabelStudio) -> dict[str, int]:
+        return collect.simulate(params, client, per_task, seed)
+
+    return label
+
+
+@flow(name="rlhf_rounds")
+def rlhf_rounds(
+    rounds: int = 1,
+    params_path: str = str(DEFAULT_PARAMS),
+    overrides: list[str] | None = None,
+    per_task: int = 3,
+    push: bool = True,
+) -> list[dict[str, Any]] | State:
+    """Iterated RLHF on the demo: each round collects the champion's answers, has the demo's
+    simulated annotators label them in Label Studio, pulls and ingests the pairs (committed, a
+    new data version), retrains (the pipeline; unchanged stages are skipped) and promotes or
+    not. A row per round (``rlhf_tasks/rounds.py``) after each; a failed step ends the flow
+    with the rounds before it kept."""
+    from flows.pipeline import rlhf_pipeline
+
+    environment.set_defaults()
+    done = [rounds_table.row(0)]
+    for number in range(1, rounds + 1):
+        made = rlhf_collect(params_path, overrides, return_state=True)
+        if not made.is_completed():
+            return made
+        labelled, failed = _step(_label(per_task, number), "label", params_path, overrides)
+        if failed:
+            return failed
+        pulled = rlhf_collect_pull(params_path, overrides, push=push, return_state=True)
+        if not pulled.is_completed():
+            return pulled
+        summary = pulled.result()
+        if summary["batch"] is not None:
+            trained = rlhf_pipeline(params_path, overrides, return_state=True)
+            if not trained.is_completed():
+                return trained
+        done.append(
+            rounds_table.row(
+                number,
+                tasks=made.result()["tasks"],
+                annotations=labelled.get("annotations", 0),
+                pairs_added=summary["new_pairs"],
+                ties=summary["tie"] + summary["both_bad"],
+            )
+        )
+        path = rounds_table.write(done)
+        logs.say(f"round {number} of {rounds} (table in {path}):\n{rounds_table.table(done)}")
+    return done

@@ -17,6 +17,8 @@
     rlhf annotate simulate [--per-task N]          the demo's annotators label open tasks
     rlhf collect                                   answers of the champion as Label Studio tasks
     rlhf collect pull [--retrain]                  completed annotations -> pairs -> rlhf ingest
+    rlhf rounds N [--per-task K]                   N rounds of RLHF on the demo: collect, the
+                                                   demo's annotators, pull, retrain, evaluate
 
 Every command takes ``--params FILE`` and DVC-style overrides ``-S section.key=value``.
 Exit codes: 0 success (valid data), 1 invalid data or nothing to do (rollback), 2 usage or
@@ -164,6 +166,12 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--no-push", action="store_true", help="do not dvc push")
     c.add_argument("--retrain", action="store_true", help="then trigger rlhf-retrain")
     _common(c)
+    _common(p)
+
+    p = sub.add_parser("rounds", help="iterated RLHF on the demo, the demo's annotators labelling")
+    p.add_argument("rounds", type=int, help="how many rounds")
+    p.add_argument("--per-task", type=int, default=3, help="annotators per task (default 3)")
+    p.add_argument("--no-push", action="store_true", help="do not dvc push each round's data")
     _common(p)
 
     p = sub.add_parser("generate", help="a response from a registered policy (the champion)")
@@ -432,6 +440,26 @@ def cmd_collect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rounds(args: argparse.Namespace) -> int:
+    from flows.api import temporary_api
+    from rlhf_tasks import labelstudio
+
+    if args.rounds < 1:
+        raise ConfigError(f"rlhf rounds: N must be at least 1, got {args.rounds}")
+    with labelstudio.LabelStudio(labelstudio.server()) as client:
+        client.whoami()  # a server that is down fails here, before a Prefect API is started
+    with projectlock.hold("`rlhf rounds`"), temporary_api() as api:
+        from flows.collect import rlhf_rounds
+
+        if api is not None:
+            api.wait()
+        state = rlhf_rounds(
+            args.rounds, args.params, args.overrides, args.per_task, not args.no_push,
+            return_state=True,
+        )  # fmt: skip
+    return 1 if _failed(state, "rounds") else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     environment.set_defaults()
     try:
@@ -453,6 +481,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_annotate(args, params)
         if args.command == "collect":
             return cmd_collect(args)
+        if args.command == "rounds":
+            return cmd_rounds(args)
         if args.command == "metrics":
             print(metrics_table())
             return 0

@@ -158,14 +158,48 @@ def answers(params: Params, prompts: list[str], models: list[Policy]) -> dict[st
     return found
 
 
-def tasks(params: Params, found: dict[str, list]) -> list[dict[str, Any]]:
-    """Label Studio tasks: pairs of distinct answers, sides in a random order."""
+def reward_scores(params: Params, found: dict[str, list]) -> dict[tuple[str, str], float]:
+    """The champion's reward model's score of each (prompt, answer) in ``found``: the reward
+    model registered with the champion policy (its ``rlhf.reward_version``)."""
+    import mlflow
+
+    from rlhf_tasks import promote, reward
+    from rlhf_tasks.tracking import logged_models, store
+
+    names = promote.model_names(params)
+    client = promote._client()
+    champion = promote.alias_version(client, names["policy"], promote.CHAMPION)
+    version = champion.tags.get("rlhf.reward_version") if champion is not None else None
+    if version is None:
+        raise ConfigError(
+            f"collect.selection=uncertain needs the champion's reward model, but {names['policy']}"
+            " has no champion with an rlhf.reward_version tag: run `rlhf run` first"
+        )
+    mlflow.set_tracking_uri(store.tracking_uri())
+    parts = logged_models.load_logged_model(f"models:/{names['reward']}/{version}", params.model)
+    keys = [(prompt, text) for prompt, replies in found.items() for text, _ in replies]
+    scored = reward.score(
+        parts["model"].eval(), parts["tokenizer"], [k[0] for k in keys], [k[1] for k in keys]
+    )
+    return dict(zip(keys, scored, strict=True))
+
+
+def tasks(
+    params: Params, found: dict[str, list], scores: dict[tuple[str, str], float] | None = None
+) -> list[dict[str, Any]]:
+    """Label Studio tasks: ``collect.pairs_per_prompt`` pairs of distinct answers per prompt,
+    sides in a random order. Which pairs (``collect.selection``): ``random``; or ``uncertain``,
+    the pairs whose two answers the reward model (``scores``) tells apart least, where a
+    person's label teaches it most."""
     rng = random.Random(params.collect.seed)
     settings = sampling(params)
     out = []
     for prompt, replies in found.items():
         pairs = [(a, b) for i, a in enumerate(replies) for b in replies[i + 1 :]]
         rng.shuffle(pairs)
+        if params.collect.selection == "uncertain":
+            assert scores is not None, "uncertain selection needs the reward model's scores"
+            pairs.sort(key=lambda ab: abs(scores[prompt, ab[0][0]] - scores[prompt, ab[1][0]]))
         for (text_a, model_a), (text_b, model_b) in pairs[: params.collect.pairs_per_prompt]:
             swapped = rng.random() < 0.5
             (left, left_model), (right, right_model) = (
@@ -210,7 +244,9 @@ def collect(params: Params, client: labelstudio.LabelStudio) -> dict[str, Any]:
     asked = {t["data"].get("prompt_id") for t in client.export(found["id"], all_tasks=True)}
     prompts = sample_prompts(params, asked)
     models = policies(params)
-    new = tasks(params, answers(params, prompts, models))
+    found = answers(params, prompts, models)
+    scores = reward_scores(params, found) if params.collect.selection == "uncertain" else None
+    new = tasks(params, found, scores)
     if not new:
         raise DataError(
             f"the models gave no two distinct answers to any of {len(prompts)} prompts: "

@@ -261,6 +261,22 @@ def topic_of(prompt: str) -> Topic | None:
     return None
 
 
+def _fact_counts(topic: Topic, words: list[str]) -> list[int]:
+    """How many times the response (its lower-case words) states each of the topic's facts."""
+    text = " ".join(words)
+    return [text.count(fact) for fact in topic.facts]
+
+
+def repeats_a_fact(prompt: str, response: str) -> bool:
+    """Whether ``response`` states one of the prompt's topic facts more than once, whatever the
+    subject ("Most cats purr when they feel safe. Many cats purr when they feel safe."): the
+    reward hack of the demo's PPO policy, which the gold judge scores below the fact said once."""
+    topic = topic_of(prompt)
+    if topic is None:
+        return False
+    return any(c > 1 for c in _fact_counts(topic, re.findall(r"[a-z]+", response.lower())))
+
+
 def gold_score(prompt: str, response: str) -> float:
     """Deterministic quality of ``response`` to ``prompt``; higher is better, from about -15 to 5.
 
@@ -281,8 +297,7 @@ def gold_score(prompt: str, response: str) -> float:
         score -= 0.75 * min(other, 4)
         # Helpful: each distinct true fact about the topic, stated in full, up to two; a fact
         # said again costs what it gave.
-        text = " ".join(words)
-        said = [text.count(fact) for fact in topic.facts]
+        said = _fact_counts(topic, words)
         score += 1.0 * min(sum(c > 0 for c in said), 2) - 1.0 * sum(max(c - 1, 0) for c in said)
     score += 0.4 * min(len(set(words) & POSITIVE), 2)
     score -= 1.5 * min(sum(w in NEGATIVE for w in words), 3)

@@ -225,6 +225,9 @@ def evaluate(
         judged[name] = score(texts_in, texts)
         scope = "gold" if cfg.judge == "gold" else "judge"
         metrics[f"{scope}/{name}_score"] = sum(judged[name]) / len(texts)
+        if cfg.judge == "gold":  # the demo policy's reward hack: one fact said twice
+            repeats = sum(demo.repeats_a_fact(p, t) for p, t in zip(texts_in, texts, strict=True))
+            metrics[f"gold/{name}_repeats_a_fact"] = repeats / len(texts)
     metrics["judge/win_rate_vs_sft"] = win_rate(judged["policy"], judged["sft"])
     if cfg.judge == "gold":
         metrics["gold/win_rate_vs_sft"] = metrics["judge/win_rate_vs_sft"]

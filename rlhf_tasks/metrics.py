@@ -24,6 +24,8 @@ KEY_METRICS = [
     ("evaluate", "policy/mean_length", "policy: mean length (words)"),
     ("evaluate", "sft/distinct_2", "SFT: distinct-2"),
     ("evaluate", "policy/distinct_2", "policy: distinct-2"),
+    ("evaluate", "gold/sft_repeats_a_fact", "SFT: share of answers that repeat a fact"),
+    ("evaluate", "gold/policy_repeats_a_fact", "policy: share of answers that repeat a fact"),
     ("evaluate", "checks/kl_within_budget", "check: KL within budget (1 = pass)"),
     ("evaluate", "checks/no_degeneration", "check: no degeneration (1 = pass)"),
 ]

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import yaml
@@ -204,3 +208,46 @@ def hold_project(seconds: float = 600) -> subprocess.Popen:
     )
     assert holder.stdout.readline().strip() == "held"
     return holder
+
+
+# PostgreSQL on 127.0.0.1 (trust auth), as CI and the developers' machines run it.
+PG = {"host": "127.0.0.1", "port": 5432, "user": os.environ.get("RLHF_TEST_PGUSER", "postgres")}
+
+
+def postgres_up() -> bool:
+    try:
+        with socket.create_connection((PG["host"], PG["port"]), timeout=2):
+            return True
+    except OSError:
+        return False
+
+
+def pg_admin(sql: str) -> None:
+    import psycopg2
+
+    conn = psycopg2.connect(dbname="postgres", **PG)
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            cur.execute(sql)
+    finally:
+        conn.close()
+
+
+@contextlib.contextmanager
+def pg_databases(*roles: str) -> Iterator[dict[str, str]]:
+    """A new PostgreSQL database per role ({role: name}), dropped at the end (a test skips,
+    saying so, where no PostgreSQL answers on 127.0.0.1:5432: a laptop; CI always has one)."""
+    import pytest
+
+    if not postgres_up():
+        pytest.skip("no PostgreSQL on 127.0.0.1:5432: this test needs one")
+    suffix = uuid.uuid4().hex[:10]
+    names = {role: f"rlhf_{role}_{suffix}" for role in roles}
+    try:
+        for name in names.values():
+            pg_admin(f"CREATE DATABASE {name}")
+        yield names
+    finally:
+        for name in names.values():
+            pg_admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")

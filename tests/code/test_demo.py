@@ -49,6 +49,14 @@ def test_gold_judge_prefers_more_facts():
     assert _score(GOOD) > _score(ONE_FACT)
 
 
+def test_a_fact_said_twice_with_another_subject_is_a_repeat():
+    prompt = "Tell me about cats."
+    hack = "Most cats purr when they feel safe. Many cats purr when they feel safe. They are nice."
+    assert demo.repeats_a_fact(prompt, hack)
+    assert not demo.repeats_a_fact(prompt, "Cats purr when they feel safe. Cats chase small toys.")
+    assert not demo.repeats_a_fact("Tell me about dogs.", hack)  # not the prompt's topic's fact
+
+
 @pytest.mark.parametrize("topic", demo.TOPICS, ids=lambda t: t.name)
 def test_every_good_answer_beats_every_plain_one_and_a_closer_never_hurts(topic):
     """Over all subjects, facts and closers of a topic. (A closer's "lovely" once counted as a

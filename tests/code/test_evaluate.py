@@ -27,6 +27,8 @@ REQUIRED = {
     "sft/distinct_2",
     "gold/policy_score",
     "gold/sft_score",
+    "gold/policy_repeats_a_fact",
+    "gold/sft_repeats_a_fact",
     "gold/win_rate_vs_sft",
     "judge/win_rate_vs_sft",
 }

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from helpers import BIN, env
+from helpers import BIN, FEW_STEPS, env
 
 from rlhf_tasks import collect, labelstudio
 from rlhf_tasks.config import Params, load_params
@@ -146,6 +146,35 @@ def test_collect_label_pull_ingest_once(
     again = collect.pull(load_params("params.yaml", [f"collect.project={title}"]), client)
     assert again["batch"] is None and again["new_pairs"] == 0
     assert again["already_ingested"] == len(expected)
+
+
+def test_one_round_of_rlhf_on_the_demo(demo_run, tmp_path: Path, client, use, rlhf, monkeypatch):
+    """`rlhf rounds 1`: the champion's answers in Label Studio, labelled by the demo's simulated
+    annotators (three each), pulled and committed as a new data version, then the pipeline
+    retrains on it (a few steps: the wiring is under test) and promote decides; the round's
+    row holds that retrain's figures."""
+    project = tmp_path / "project"
+    shutil.copytree(demo_run.clone, project, symlinks=True)
+    monkeypatch.chdir(project)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    before = Path("data/preferences/train.jsonl").read_text().splitlines()
+    settings = ["collect.project=Rounds", "collect.num_prompts=6", *FEW_STEPS]
+    code, out, err = rlhf("rounds", "1", *(f"-S{s}" for s in settings))
+    assert code == 0, out + err
+    start, first = json.loads(Path("artifacts/rounds/rounds.json").read_text())
+    after = Path("data/preferences/train.jsonl").read_text().splitlines()
+    added = [json.loads(line) for line in after[len(before) :]]
+    assert first["pairs_added"] == len(added) > 0 and after[: len(before)] == before
+    assert all(row["id"].startswith("labelstudio-") for row in added)
+    assert first["annotations"] == 3 * first["tasks"] and first["tasks"] >= len(added)
+    assert first["train_pairs"] == len(after)  # the retrain read the new data version
+    evaluation = json.loads(Path("artifacts/evaluate/metrics.json").read_text())
+    assert first["repeats"] == evaluation["gold/policy_repeats_a_fact"]
+    assert first["gold_score"] == evaluation["gold/policy_score"]
+    decision = json.loads(Path("artifacts/promote/decision.json").read_text())
+    assert decision["baseline"] == "champion" and first["win_vs_champion"] == decision["win_rate"]
+    assert start["round"] == 0 and start["gold_score"] != first["gold_score"]
+    assert "| round | tasks |" in Path("artifacts/rounds/rounds.md").read_text()
 
 
 def _git_log() -> list[str]:

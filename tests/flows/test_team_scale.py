@@ -10,23 +10,20 @@ Skipped, saying so, where no PostgreSQL answers on 127.0.0.1:5432 (a laptop); CI
 from __future__ import annotations
 
 import json
-import os
 import re
 import socket
 import subprocess
 import time
 import urllib.request
-import uuid
 from pathlib import Path
 
 import pytest
 import yaml
-from helpers import BIN, FEW_STEPS, env, fresh_clone, set_params, shrink_data
+from helpers import BIN, FEW_STEPS, PG, env, fresh_clone, pg_databases, set_params, shrink_data
 from mlflow import MlflowClient
 
 pytestmark = pytest.mark.slow
 
-PG = {"host": "127.0.0.1", "port": 5432, "user": os.environ.get("RLHF_TEST_PGUSER", "postgres")}
 TINY = [
     *FEW_STEPS,
     # Two steps of training: what is under test is the deployment, not the model's quality.
@@ -34,26 +31,6 @@ TINY = [
     "promote.min_reward_model_accuracy=0",
     "promote.required_checks=[]",
 ]
-
-
-def _postgres_up() -> bool:
-    try:
-        with socket.create_connection((PG["host"], PG["port"]), timeout=2):
-            return True
-    except OSError:
-        return False
-
-
-def _admin(sql: str) -> None:
-    import psycopg2
-
-    conn = psycopg2.connect(dbname="postgres", **PG)
-    conn.autocommit = True
-    try:
-        with conn.cursor() as cur:
-            cur.execute(sql)
-    finally:
-        conn.close()
 
 
 def _free_port() -> int:
@@ -77,12 +54,11 @@ def _wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 180
 @pytest.fixture
 def team(tmp_path: Path):
     """PostgreSQL databases, a Prefect server and an MLflow server; all removed at the end."""
-    if not _postgres_up():
-        pytest.skip("no PostgreSQL on 127.0.0.1:5432: the team-scale test needs one")
-    suffix = uuid.uuid4().hex[:10]
-    dbs = {"prefect": f"rlhf_prefect_{suffix}", "mlflow": f"rlhf_mlflow_{suffix}"}
-    for db in dbs.values():
-        _admin(f"CREATE DATABASE {db}")
+    with pg_databases("prefect", "mlflow") as dbs:
+        yield from _servers(tmp_path, dbs)
+
+
+def _servers(tmp_path: Path, dbs: dict[str, str]):
     procs: list[subprocess.Popen] = []
     base = env()
     prefect_port, mlflow_port = _free_port(), _free_port()
@@ -148,8 +124,6 @@ def team(tmp_path: Path):
                 proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 proc.kill()
-        for db in dbs.values():
-            _admin(f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
 
 
 def _prefect(team: dict, read):
