@@ -244,9 +244,9 @@ def collect(params: Params, client: labelstudio.LabelStudio) -> dict[str, Any]:
     asked = {t["data"].get("prompt_id") for t in client.export(found["id"], all_tasks=True)}
     prompts = sample_prompts(params, asked)
     models = policies(params)
-    found = answers(params, prompts, models)
-    scores = reward_scores(params, found) if params.collect.selection == "uncertain" else None
-    new = tasks(params, found, scores)
+    sampled = answers(params, prompts, models)
+    scores = reward_scores(params, sampled) if params.collect.selection == "uncertain" else None
+    new = tasks(params, sampled, scores)
     if not new:
         raise DataError(
             f"the models gave no two distinct answers to any of {len(prompts)} prompts: "
