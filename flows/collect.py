@@ -80,7 +80,7 @@ def rlhf_collect_pull(
     how = {"commit": commit, "push": push, "retrain": retrain}
     state = rlhf_ingest(summary["batch"], params_path, overrides or [], **how, return_state=True)
     if not state.is_completed():
-        return state
+        return logs.passed_on(state)
     return summary | {"ingest": state.result()}
 
 
@@ -113,18 +113,18 @@ def rlhf_rounds(
     for number in range(1, rounds + 1):
         made = rlhf_collect(params_path, overrides, return_state=True)
         if not made.is_completed():
-            return made
+            return logs.passed_on(made)
         labelled, failed = _step(_label(per_task, number), "label", params_path, overrides)
         if failed:
             return failed
         pulled = rlhf_collect_pull(params_path, overrides, push=push, return_state=True)
         if not pulled.is_completed():
-            return pulled
+            return logs.passed_on(pulled)
         summary = pulled.result()
         if summary["batch"] is not None:
             trained = rlhf_pipeline(params_path, overrides, return_state=True)
             if not trained.is_completed():
-                return trained
+                return logs.passed_on(trained)
         done.append(
             rounds_table.row(
                 number,

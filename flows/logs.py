@@ -117,6 +117,13 @@ def user_failure(exc: UserError) -> State:
     return Failed(message=f"{type(exc).__name__}: {exc}", data=exc)
 
 
+def passed_on(state: State) -> State:
+    """The failed state of a subflow, as its parent flow's own: same message, same error. (A
+    flow that returns its subflow's state itself ends "Failed('1/1 states failed.')": Prefect
+    takes a state of another run for a result, and the message and error are lost.)"""
+    return Failed(message=state.message, data=state.result(raise_on_failure=False))
+
+
 def quiet_failures(fn: Callable[..., Any]) -> Callable[..., Any]:
     """``fn`` for a Prefect task whose user mistakes (``UserError``) end it Failed with the
     message, in the run's log once, instead of an exception and its traceback."""

@@ -395,14 +395,15 @@ def cmd_annotate(args: argparse.Namespace, params: Params) -> int:
         credentials = labelstudio.LOCAL_DIR / labelstudio.CREDENTIALS
         print(
             f"Label Studio at {where.url} (data in {labelstudio.LOCAL_DIR}/); log in as "
-            f"{labelstudio.ADMIN} with the password in {credentials}. Ctrl-C stops it."
+            f"{labelstudio.ADMIN} with the password in {credentials}. Ctrl-C stops it.",
+            flush=True,
         )
         # Ctrl-C or SIGTERM stops the server too (it runs in a process group of its own).
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
         try:
             code = process.wait()
         except KeyboardInterrupt:
-            print("stopping Label Studio")
+            print("stopping Label Studio", flush=True)
             return 0
         finally:
             labelstudio.stop(process)

@@ -26,6 +26,7 @@ import dataclasses
 import hashlib
 import json
 import random
+import re
 import statistics
 from collections import Counter
 from dataclasses import dataclass
@@ -140,8 +141,23 @@ def sampling(params: Params) -> dict[str, Any]:
     return settings
 
 
+def askable(params: Params, text: str) -> bool:
+    """Whether an answer may be shown to people: one the validation gate would refuse once
+    labelled (empty, too long, control characters or U+FFFD, as a small model's byte-level
+    tokens can produce) would fail the whole pull, so it is never asked about."""
+    from rlhf_tasks.validate import CONTROL_CHARS
+
+    cfg = params.validate_
+    return (
+        bool(text.strip())
+        and cfg.min_chars <= len(text) <= cfg.max_chars
+        and "\ufffd" not in text
+        and re.search(CONTROL_CHARS, text) is None
+    )
+
+
 def answers(params: Params, prompts: list[str], models: list[Policy]) -> dict[str, list]:
-    """Each prompt's sampled answers, as (text, model ref), distinct texts only."""
+    """Each prompt's sampled answers, as (text, model ref): distinct texts that ``askable``."""
     from rlhf_tasks import serving
     from rlhf_tasks.formats import prompt_messages
 
@@ -153,7 +169,7 @@ def answers(params: Params, prompts: list[str], models: list[Policy]) -> dict[st
         texts = serving.generate(policy.model, policy.tokenizer, conversations, how)
         for i, text in enumerate(texts):
             prompt = prompts[i // k]
-            if text.strip() and text not in [t for t, _ in found[prompt]]:
+            if askable(params, text) and text not in [t for t, _ in found[prompt]]:
                 found[prompt].append((text, policy.ref))
     return found
 

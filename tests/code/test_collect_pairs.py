@@ -86,3 +86,29 @@ def test_an_annotator_below_the_agreement_floor_fails_the_pull_or_is_reported(
 def test_tasks_that_stop_a_pull(params: Params, task: dict, message: str) -> None:
     with pytest.raises(DataError, match=message.replace("(", r"\(")):
         collect.pairs(params, [task], PEOPLE, WHERE)
+
+
+# -- what is asked ------------------------------------------------------------------------------
+def test_an_answer_the_gate_would_refuse_is_never_asked_about() -> None:
+    """A small model's byte-level tokens can produce a control character ("Apples are\\x03nes",
+    seen in a round on the demo): labelled, it would fail the whole pull at the gate."""
+    params = load_params(ROOT / "params.yaml", ["validate.max_chars=40"])
+    assert collect.askable(params, "Apples are sweet and crunchy.")
+    for bad in ("Apples are\x03nes crops.", "  ", "Apples \ufffd.", "Apples are sweet. " * 3):
+        assert not collect.askable(params, bad), bad
+
+
+def test_uncertain_selection_asks_about_the_pairs_the_reward_model_tells_apart_least() -> None:
+    params = load_params(
+        ROOT / "params.yaml", ["collect.selection=uncertain", "collect.pairs_per_prompt=2"]
+    )
+    replies = {"Tell me about dogs.": [("A.", "m/1"), ("B.", "m/1"), ("C.", "m/1"), ("D.", "m/1")]}
+    prompt = "Tell me about dogs."
+    scores = {(prompt, "A."): 0.0, (prompt, "B."): 0.1, (prompt, "C."): 2.0, (prompt, "D."): 2.15}
+    asked = collect.tasks(params, replies, scores)
+    pairs = {frozenset((t["data"]["left"], t["data"]["right"])) for t in asked}
+    assert pairs == {frozenset(("A.", "B.")), frozenset(("C.", "D."))}
+    randomly = collect.tasks(
+        load_params(ROOT / "params.yaml", ["collect.pairs_per_prompt=6"]), replies
+    )
+    assert len(randomly) == 6  # every pair of four answers, when that many are asked for

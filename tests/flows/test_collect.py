@@ -327,7 +327,13 @@ def test_annotate_serve_runs_a_local_server_until_ctrl_c(project: Path) -> None:
             assert ls.whoami()["email"] == labelstudio.ADMIN
     finally:
         proc.send_signal(signal.SIGINT)
-        out, _ = proc.communicate(timeout=60)
+        try:
+            out, _ = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, _ = proc.communicate()
+            log = project / ".labelstudio" / "server.log"
+            pytest.fail(f"still up 60 s after Ctrl-C:\n{out}\n--- {log}\n{log.read_text()[-3000:]}")
     assert proc.returncode == 0, out
     assert f"Label Studio at http://127.0.0.1:{port}" in out and "stopping Label Studio" in out
     assert saved["api_key"] not in out and saved["password"] not in out

@@ -216,7 +216,9 @@ def test_deployed_retraining_on_a_gpu_pool_promotes_a_champion(team, tmp_path: P
     worker = subprocess.Popen(  # two runs at once: only the project lock keeps them apart
         [BIN / "prefect", "worker", "start", "--pool", "gpu", "--limit", "2"],
         cwd=clone,
-        env=run_env,
+        # It looks for runs to start every 2 s instead of 10: seconds of the test, not waited
+        # out six times.
+        env={**run_env, "PREFECT_WORKER_QUERY_SECONDS": "2"},
         stdout=worker_log.open("w"),
         stderr=subprocess.STDOUT,
     )
