@@ -50,8 +50,8 @@ def row(number: int, root: Path = Path(), **extra: Any) -> dict[str, Any]:
         "rm_accuracy": evaluation.get("reward_model/accuracy"),
         "gold_score": evaluation.get("gold/policy_score"),
         "win_vs_sft": evaluation.get("gold/win_rate_vs_sft"),
-        "win_vs_champion": (
-            decision.get("win_rate") if decision.get("baseline") == "champion" else None
+        "win_vs_champion": (  # the baseline is "sft" when there was no champion to challenge
+            decision.get("win_rate") if decision.get("baseline", "sft") != "sft" else None
         ),
         "repeats": evaluation.get("gold/policy_repeats_a_fact"),
         "distinct_2": evaluation.get("policy/distinct_2"),

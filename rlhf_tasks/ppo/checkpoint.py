@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -113,3 +115,38 @@ class _State:
             start, history = self.load(checkpoints[-1])
             print(f"resuming from {checkpoints[-1]}")
         return start, history
+
+
+class SigtermCheckpoint:
+    """SIGTERM during PPO (a run cancelled from Prefect: its worker sends it; a preempted or
+    draining machine) ends the run after the update it is in, with a checkpoint of it, instead
+    of losing every update since the last periodic one (``ppo.save_every``).
+
+    While the block runs, a SIGTERM is only noted (``requested``); the loop then saves and
+    calls ``stop``, which puts the previous handler back and delivers SIGTERM again, so the
+    process ends as it would have (the default: at once, exit status 143). Only in the main
+    thread of a single process: under ``accelerate launch`` every process would have to agree
+    on the update to stop after, and a SIGTERM there ends the run as before."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self.requested = False
+        self._previous: Any = None
+
+    def __enter__(self) -> SigtermCheckpoint:
+        if self.enabled:
+            self._previous = signal.signal(signal.SIGTERM, self._note)
+        return self
+
+    def _note(self, signum: int, frame: Any) -> None:
+        self.requested = True
+
+    def __exit__(self, *exc: object) -> None:
+        if self.enabled:
+            signal.signal(signal.SIGTERM, self._previous)
+            self.enabled = False
+
+    def stop(self) -> None:
+        self.__exit__()
+        os.kill(os.getpid(), signal.SIGTERM)  # the previous handler's turn (default: exit now)
+        raise SystemExit(128 + signal.SIGTERM)  # a handler that returned: end all the same

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from rlhf_tasks.config import ModelConfig, PpoSection
 from rlhf_tasks.models import load_tokenizer, model_kwargs
-from rlhf_tasks.ppo.checkpoint import _State
+from rlhf_tasks.ppo.checkpoint import SigtermCheckpoint, _State
 from rlhf_tasks.ppo.maths import KLController, policy_loss, value_loss
 from rlhf_tasks.ppo.rollout import (
     Columns,
@@ -86,31 +86,39 @@ def train(
         total=run.n_updates,
         disable=not accelerator.is_main_process,
     )
-    for update in progress:
-        torch.manual_seed(cfg.seed + update)  # all of this update's randomness comes from here
-        prompt_batch = draw_prompts(prompt_ids, cfg.rollout_batch_size, mine)
-        if accelerator.process_index:  # each process samples its own stream (the first keeps
-            torch.manual_seed(cfg.seed + update + 1_000_003 * accelerator.process_index)  # one)
-        batch = rollout(run.models, prompt_batch, cfg, state.kl_ctl.value, clock)
-        with clock("optimisation"):
-            stats = ppo_epochs(run, batch, cfg)
-            state.policy_sched.step()  # the learning rates decay once per update
-            state.value_sched.step()
+    with SigtermCheckpoint(accelerator.num_processes == 1) as sigterm:
+        for update in progress:
+            torch.manual_seed(cfg.seed + update)  # all of this update's randomness comes from here
+            prompt_batch = draw_prompts(prompt_ids, cfg.rollout_batch_size, mine)
+            if accelerator.process_index:  # each process samples its own stream (the first
+                torch.manual_seed(cfg.seed + update + 1_000_003 * accelerator.process_index)
+            batch = rollout(run.models, prompt_batch, cfg, state.kl_ctl.value, clock)
+            with clock("optimisation"):
+                stats = ppo_epochs(run, batch, cfg)
+                state.policy_sched.step()  # the learning rates decay once per update
+                state.value_sched.step()
 
-        # Metrics under TRL's names, the KL controller, a checkpoint now and then.
-        row = _metrics_row(run, batch, stats, update, cfg)
-        history.append(row)
-        if on_update is not None and accelerator.is_main_process:
-            on_update(row)
-        mean_kl = row["objective/kl"]
-        state.kl_ctl.update(mean_kl, cfg.rollout_batch_size)
-        progress.set_postfix(score=f"{row['objective/scores']:.2f}", kl=f"{mean_kl:.2f}")
-        save = (update + 1) % cfg.save_every == 0 or update + 1 == run.n_updates
-        if save and accelerator.is_main_process:
-            state.save(
-                out_dir / "checkpoints" / f"update-{update + 1}", history, cfg.keep_checkpoints
-            )
-        accelerator.wait_for_everyone()
+            # Metrics under TRL's names, the KL controller, a checkpoint now and then.
+            row = _metrics_row(run, batch, stats, update, cfg)
+            history.append(row)
+            if on_update is not None and accelerator.is_main_process:
+                on_update(row)
+            mean_kl = row["objective/kl"]
+            state.kl_ctl.update(mean_kl, cfg.rollout_batch_size)
+            progress.set_postfix(score=f"{row['objective/scores']:.2f}", kl=f"{mean_kl:.2f}")
+            last = update + 1 == run.n_updates
+            save = (update + 1) % cfg.save_every == 0 or last or sigterm.requested
+            checkpoint = out_dir / "checkpoints" / f"update-{update + 1}"
+            if save and accelerator.is_main_process:
+                state.save(checkpoint, history, cfg.keep_checkpoints)
+            accelerator.wait_for_everyone()
+            if sigterm.requested:
+                print(
+                    f"SIGTERM: PPO stopped after update {update + 1} of {run.n_updates}; the "
+                    f"next run resumes from {checkpoint}",
+                    flush=True,
+                )
+                sigterm.stop()
 
     timing = clock.report(
         (run.n_updates - start) * cfg.rollout_batch_size,

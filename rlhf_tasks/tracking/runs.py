@@ -47,18 +47,29 @@ def recorded_run(stage: str) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def _start(run_name: str, tags: dict[str, str], parent_run_id: str | None) -> Any:
+@contextlib.contextmanager
+def _start(run_name: str, tags: dict[str, str], parent_run_id: str | None) -> Iterator[Any]:
+    """An MLflow run for the block: FINISHED, FAILED on an error, or KILLED when the process is
+    being stopped (SIGTERM from a worker cancelling the run, Ctrl-C: an exception that is not an
+    ``Exception``), as runs of a killed process are ended later (``end_orphaned_runs``)."""
     import mlflow
 
     nested = mlflow.active_run() is not None
     if not nested and parent_run_id is None:
         end_orphaned_runs()
-    return mlflow.start_run(
+    with mlflow.start_run(
         run_name=run_name,
         nested=nested,
         parent_run_id=parent_run_id,
         tags={**tags, PROCESS_TAG: _this_process()},
-    )
+    ) as run:
+        try:
+            yield run
+        except BaseException as exc:
+            if not isinstance(exc, Exception):
+                mlflow.set_tag("rlhf.ended", f"KILLED: the process was stopped ({exc!r})")
+                mlflow.end_run("KILLED")
+            raise
 
 
 # Which process a run belongs to: host, pid and the process's start time (pids are reused).

@@ -1,6 +1,7 @@
-"""`rlhf run` killed with SIGKILL (its whole process group) during a TRL stage (sft) and during
-PPO: the next run reuses the stages that completed, resumes the killed stage from its last
-checkpoint, and the models are registered once, when a run completes. (The reward stage resumes
+"""`rlhf run` killed with SIGKILL (its whole process group) during a TRL stage (sft), and sent
+SIGTERM during PPO (which checkpoints the update it is in, then ends): the next run reuses the
+stages that completed, resumes the killed stage from its last checkpoint, and the models are
+registered once, when a run completes. (The reward stage resumes
 through the same code as sft, ``training.fit``; a run cancelled from Prefect during PPO is
 tests/flows/test_team_scale.py's.)"""
 
@@ -9,12 +10,13 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
 import torch
 from helpers import GOOD_EVALUATION as GOOD
-from helpers import POLICY, REWARD
+from helpers import POLICY, REWARD, set_params
 from mlflow import MlflowClient
 from reliability_helpers import Run, complete_checkpoint, make_fast
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -35,6 +37,10 @@ STAGES = {
 }
 
 
+# PPO's progress bar once an update is done ("ppo:  25%|...| 1/4 [...]").
+PPO_UPDATE = re.compile(r"ppo: [^\r\n]*\| [1-9]\d*/\d+ ")
+
+
 def _last_checkpoint(project: Path, stage: str) -> str:
     where, name, marker = STAGES[stage]
     complete = [
@@ -52,18 +58,28 @@ def _versions(client: MlflowClient, name: str) -> list[str]:
 def test_killed_runs_resume_from_their_checkpoints_and_register_once(
     project: Path, tmp_path: Path, rlhf
 ) -> None:
+    """SIGKILL during SFT; SIGTERM during PPO (what a worker sends a cancelled run), which
+    writes a checkpoint of the update it was in: PPO's periodic ones are off here."""
     make_fast(project)
+    set_params(project, ["ppo.save_every=1000"])
     client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
     resumed: dict[str, str] = {}  # stage -> the checkpoint the next run must resume from
     runs: list[Run] = []
     for stage in STAGES:
         run = Run(project, tmp_path / f"run-{len(runs) + 1}.log")
         runs.append(run)
-        run.wait_for(
-            complete_checkpoint(project / STAGES[stage][0], *STAGES[stage][1:]),
-            f"a {stage} checkpoint",
-        )
-        run.kill()
+        if stage == "policy":
+            run.wait_for(lambda r=run: PPO_UPDATE.search(r.output()), "a PPO update")
+            assert not list((project / STAGES[stage][0]).glob("update-*"))  # none periodic
+            run.proc.send_signal(signal.SIGTERM)  # to `rlhf run` only, as a worker sends it
+            assert run.finish() == -signal.SIGTERM, run.output()
+            assert "SIGTERM: PPO stopped after update" in run.output(), run.output()
+        else:
+            run.wait_for(
+                complete_checkpoint(project / STAGES[stage][0], *STAGES[stage][1:]),
+                f"a {stage} checkpoint",
+            )
+            run.kill()
         resumed[stage] = _last_checkpoint(project, stage)
         assert not (project / f"artifacts/{stage}/model").exists() or stage == "policy"
         # Killed before promote: nothing registered, not even half.
