@@ -131,7 +131,9 @@ def rlhf_rounds(
                 tasks=made.result()["tasks"],
                 annotations=labelled.get("annotations", 0),
                 pairs_added=summary["new_pairs"],
-                ties=summary["tie"] + summary["both_bad"],
+                # this round's tasks that became no pair: tie, both bad, no majority (the
+                # pull's own counts are of every completed task of the project)
+                left_out=max(made.result()["tasks"] - summary["new_pairs"], 0),
             )
         )
         path = rounds_table.write(done)

@@ -188,7 +188,8 @@ def reward_scores(params: Params, found: dict[str, list]) -> dict[tuple[str, str
     version = champion.tags.get("rlhf.reward_version") if champion is not None else None
     if version is None:
         raise ConfigError(
-            f"collect.selection=uncertain needs the champion's reward model, but {names['policy']}"
+            f"collect.selection={params.collect.selection} needs the champion's reward model, but "
+            f"{names['policy']}"
             " has no champion with an rlhf.reward_version tag: run `rlhf run` first"
         )
     mlflow.set_tracking_uri(store.tracking_uri())
@@ -204,18 +205,22 @@ def tasks(
     params: Params, found: dict[str, list], scores: dict[tuple[str, str], float] | None = None
 ) -> list[dict[str, Any]]:
     """Label Studio tasks: ``collect.pairs_per_prompt`` pairs of distinct answers per prompt,
-    sides in a random order. Which pairs (``collect.selection``): ``random``; or ``uncertain``,
+    sides in a random order. Which pairs (``collect.selection``): ``random``; ``uncertain``,
     the pairs whose two answers the reward model (``scores``) tells apart least, where a
-    person's label teaches it most."""
+    person's label is the most new to it; or ``extremes``, those it tells apart most (its
+    best-scored answer against its worst), where the policy's reward hacks meet a person's
+    judgement."""
     rng = random.Random(params.collect.seed)
     settings = sampling(params)
     out = []
     for prompt, replies in found.items():
         pairs = [(a, b) for i, a in enumerate(replies) for b in replies[i + 1 :]]
         rng.shuffle(pairs)
-        if params.collect.selection == "uncertain":
-            assert scores is not None, "uncertain selection needs the reward model's scores"
-            pairs.sort(key=lambda ab: abs(scores[prompt, ab[0][0]] - scores[prompt, ab[1][0]]))
+        if params.collect.selection != "random":
+            assert scores is not None, f"{params.collect.selection} needs the reward scores"
+            gap = {ab: abs(scores[prompt, ab[0][0]] - scores[prompt, ab[1][0]]) for ab in pairs}
+            # uncertain: closest first; extremes: widest first
+            pairs.sort(key=gap.__getitem__, reverse=params.collect.selection == "extremes")
         for (text_a, model_a), (text_b, model_b) in pairs[: params.collect.pairs_per_prompt]:
             swapped = rng.random() < 0.5
             (left, left_model), (right, right_model) = (
@@ -261,7 +266,7 @@ def collect(params: Params, client: labelstudio.LabelStudio) -> dict[str, Any]:
     prompts = sample_prompts(params, asked)
     models = policies(params)
     sampled = answers(params, prompts, models)
-    scores = reward_scores(params, sampled) if params.collect.selection == "uncertain" else None
+    scores = reward_scores(params, sampled) if params.collect.selection != "random" else None
     new = tasks(params, sampled, scores)
     if not new:
         raise DataError(

@@ -431,9 +431,9 @@ class CollectSection(_Section):
     num_prompts: int = Field(50, gt=0)  # prompts per collection, not already in the project
     responses_per_prompt: int = Field(2, gt=0)  # from each model (champion, and challenger)
     pairs_per_prompt: int = Field(1, gt=0)  # tasks per prompt, of distinct responses
-    # Which pairs of a prompt's answers become tasks: any (random), or those the champion's
-    # reward model tells apart least (uncertain; with 3 or more answers per prompt).
-    selection: Literal["random", "uncertain"] = "random"
+    # Which pairs of a prompt's answers become tasks: any (random), those the champion's reward
+    # model tells apart least (uncertain) or most (extremes); with 3 or more answers per prompt.
+    selection: Literal["random", "uncertain", "extremes"] = "random"
     max_new_tokens: int = Field(40, gt=0)
     temperature: float = Field(0.7, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)

@@ -1,12 +1,13 @@
 """Iterated RLHF on the demo (``rlhf rounds N``): what each round of collect -> label -> pull
 -> retrain -> evaluate -> promote did, as one row of a table.
 
-A row holds the round's pairs (asked, added, left out as ties) and the figures the issue of reward
-hacking is read from: the reward model's held-out accuracy, the policy's gold score, its gold win
-rate against SFT and against the champion it challenged (the promote stage's comparison), the
-share of its answers that state a fact twice, its distinct-2 and its KL to SFT. Round 0 is where
-the rounds started (the project's last evaluation). The table is written after every round to
-``artifacts/rounds/rounds.json`` and ``rounds.md``, so a stopped run keeps the rounds it finished.
+A row holds the round's pairs (asked, added, left out: tie, both bad or no majority) and the
+figures reward hacking is read from: the reward model's held-out accuracy, the policy's gold
+score, its gold win rate against SFT and against the champion it challenged (the promote
+stage's comparison), the share of its answers that state a fact twice, its distinct-2 and its
+KL to SFT. Round 0 is where the rounds started (the project's last evaluation). The table is
+written after every round to ``artifacts/rounds/rounds.json`` and ``rounds.md``, so a stopped
+run keeps the rounds it finished.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ COLUMNS = (
     ("round", "round", "{}"),
     ("tasks", "tasks", "{}"),
     ("pairs_added", "pairs added", "{}"),
-    ("ties", "ties", "{}"),
+    ("left_out", "left out (tie, both bad)", "{}"),
     ("train_pairs", "training pairs", "{}"),
     ("rm_accuracy", "RM held-out acc.", "{:.3f}"),
     ("gold_score", "gold score", "{:.2f}"),

@@ -98,7 +98,7 @@ def test_an_answer_the_gate_would_refuse_is_never_asked_about() -> None:
         assert not collect.askable(params, bad), bad
 
 
-def test_uncertain_selection_asks_about_the_pairs_the_reward_model_tells_apart_least() -> None:
+def test_selection_by_how_far_apart_the_reward_model_scores_two_answers() -> None:
     params = load_params(
         ROOT / "params.yaml", ["collect.selection=uncertain", "collect.pairs_per_prompt=2"]
     )
@@ -108,6 +108,11 @@ def test_uncertain_selection_asks_about_the_pairs_the_reward_model_tells_apart_l
     asked = collect.tasks(params, replies, scores)
     pairs = {frozenset((t["data"]["left"], t["data"]["right"])) for t in asked}
     assert pairs == {frozenset(("A.", "B.")), frozenset(("C.", "D."))}
+    extremes = load_params(
+        ROOT / "params.yaml", ["collect.selection=extremes", "collect.pairs_per_prompt=1"]
+    )
+    (widest,) = collect.tasks(extremes, replies, scores)
+    assert {widest["data"]["left"], widest["data"]["right"]} == {"A.", "D."}
     randomly = collect.tasks(
         load_params(ROOT / "params.yaml", ["collect.pairs_per_prompt=6"]), replies
     )
