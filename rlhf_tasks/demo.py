@@ -277,6 +277,21 @@ def repeats_a_fact(prompt: str, response: str) -> bool:
     return any(c > 1 for c in _fact_counts(topic, re.findall(r"[a-z]+", response.lower())))
 
 
+def repeat_probes(prompts: list[str], per_prompt: int = 2, seed: int = 0) -> list[tuple[str, ...]]:
+    """(prompt, a fact said twice, the same first sentence and another fact) for each demo
+    prompt: the demo policy's reward hack against what the gold judge prefers, to ask whether a
+    reward model learned the difference (``rlhf rounds``, bench/repeat_probe.py)."""
+    rng = random.Random(seed)
+    out = []
+    for prompt in prompts:
+        topic = topic_of(prompt)
+        for _ in range(per_prompt if topic is not None else 0):
+            s1, s2 = rng.sample(topic.subjects, 2)
+            f1, f2 = rng.sample(topic.facts, 2)
+            out.append((prompt, f"{s1} {f1}. {s2} {f1}.", f"{s1} {f1}. {s2} {f2}."))
+    return out
+
+
 def gold_score(prompt: str, response: str) -> float:
     """Deterministic quality of ``response`` to ``prompt``; higher is better, from about -15 to 5.
 

@@ -33,6 +33,7 @@ COLUMNS = (
     ("win_vs_sft", "gold win vs SFT", "{:.3f}"),
     ("win_vs_champion", "gold win vs champion", "{:.3f}"),
     ("repeats", "repeats a fact", "{:.1%}"),
+    ("rm_prefers_repeat", "RM prefers a repeat", "{:.1%}"),
     ("distinct_2", "distinct-2", "{:.3f}"),
     ("kl", "KL to SFT", "{:.2f}"),
     ("promoted", "promoted", "{}"),
@@ -57,11 +58,33 @@ def row(number: int, root: Path = Path(), **extra: Any) -> dict[str, Any]:
         "repeats": evaluation.get("gold/policy_repeats_a_fact"),
         "distinct_2": evaluation.get("policy/distinct_2"),
         "kl": evaluation.get("policy/kl_to_sft"),
+        "rm_prefers_repeat": rm_prefers_repeat(root),
         "promoted": ("yes" if decision.get("promoted") else "no") if decision else None,
         "sft_repeats": evaluation.get("gold/sft_repeats_a_fact"),
         "sft_distinct_2": evaluation.get("sft/distinct_2"),
     }
     return out | extra
+
+
+def rm_prefers_repeat(root: Path = Path()) -> float | None:
+    """The share of ``demo.repeat_probes`` on the held-out prompts where the project's reward
+    model scores a fact said twice above two facts (the gold judge: never); None off the demo."""
+    from rlhf_tasks import demo, reward
+    from rlhf_tasks.config import DataConfig
+
+    model_dir = root / STAGES["reward"].outputs["model"].path
+    prompts_file = root / DataConfig().prompts_heldout
+    if not (model_dir / "config.json").exists() or not prompts_file.exists():
+        return None
+    lines = prompts_file.read_text(encoding="utf-8").splitlines()
+    cases = demo.repeat_probes([json.loads(line).get("prompt", "") for line in lines if line])
+    if not cases:
+        return None
+    model, tokenizer = reward.load_reward_model(model_dir)
+    prompts = [case[0] for case in cases]
+    repeat = reward.score(model, tokenizer, prompts, [case[1] for case in cases])
+    two = reward.score(model, tokenizer, prompts, [case[2] for case in cases])
+    return sum(r > t for r, t in zip(repeat, two, strict=True)) / len(cases)
 
 
 def table(rows: list[dict[str, Any]]) -> str:

@@ -57,6 +57,14 @@ def test_a_fact_said_twice_with_another_subject_is_a_repeat():
     assert not demo.repeats_a_fact("Tell me about dogs.", hack)  # not the prompt's topic's fact
 
 
+def test_repeat_probes_pit_the_hack_against_what_the_gold_judge_prefers():
+    cases = demo.repeat_probes(["Tell me about dogs.", "Describe rain.", "What is 2 + 2?"])
+    assert len(cases) == 4  # two per demo prompt; none for a prompt off the demo's topics
+    for prompt, repeat, two_facts in cases:
+        assert demo.repeats_a_fact(prompt, repeat) and not demo.repeats_a_fact(prompt, two_facts)
+        assert demo.gold_score(prompt, two_facts) > demo.gold_score(prompt, repeat)
+
+
 @pytest.mark.parametrize("topic", demo.TOPICS, ids=lambda t: t.name)
 def test_every_good_answer_beats_every_plain_one_and_a_closer_never_hurts(topic):
     """Over all subjects, facts and closers of a topic. (A closer's "lovely" once counted as a

@@ -175,6 +175,7 @@ def test_one_round_of_rlhf_on_the_demo(demo_run, tmp_path: Path, client, use, rl
     assert decision["baseline"].endswith("(champion)")
     assert first["win_vs_champion"] == decision["win_rate"]
     assert start["round"] == 0 and start["gold_score"] != first["gold_score"]
+    assert start["rm_prefers_repeat"] is not None  # the demo's reward model, probed
     assert "| round | tasks |" in Path("artifacts/rounds/rounds.md").read_text()
 
 
