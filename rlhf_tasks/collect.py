@@ -509,6 +509,11 @@ def simulate(
         if item.get("annotations"):
             continue
         task = item["data"]
+        if demo.topic_of(task["prompt"]) is None:
+            raise ConfigError(
+                f"task {item['id']}: the demo's simulated annotators judge the demo's topics "
+                f"only, not {task['prompt'][:60]!r}: on your own data, people label the tasks"
+            )
         gold_left = demo.gold_score(task["prompt"], task["left"])
         gold_right = demo.gold_score(task["prompt"], task["right"])
         for name in rng.sample(names, per_task):
