@@ -300,6 +300,13 @@ def test_the_demo_annotators_label_as_users_of_their_own(labelled: Labelled, cli
     assert {emails[p] for p in people} <= {f"ann-{i}@demo.local" for i in range(1, 6)}
 
 
+def test_the_demo_annotators_refuse_a_prompt_off_the_demo(labelled: Labelled, client) -> None:
+    off = {"Summarise the French revolution.": [("It began in 1789.", "m/1"), ("No.", "m/1")]}
+    client.import_tasks(labelled.project_id, collect.tasks(labelled.params, off))
+    with pytest.raises(ConfigError, match="judge the demo's topics only"):
+        collect.simulate(labelled.params, client)
+
+
 def test_annotate_serve_runs_a_local_server_until_ctrl_c(project: Path) -> None:
     """`rlhf annotate serve`: Label Studio on 127.0.0.1 with a local admin whose key is in a
     file only its owner reads, and gone after Ctrl-C."""
