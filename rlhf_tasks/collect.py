@@ -502,18 +502,18 @@ def simulate(
     names = sorted(demo.ANNOTATORS)
     if not 1 <= per_task <= len(names):
         raise ConfigError(f"--per-task must be 1 to {len(names)}, got {per_task}")
+    open_tasks = [t for t in client.export(found["id"], all_tasks=True) if not t.get("annotations")]
+    for item in open_tasks:  # all checked before any is labelled
+        if demo.topic_of(item["data"]["prompt"]) is None:
+            raise ConfigError(
+                f"task {item['id']}: the demo's simulated annotators judge the demo's topics "
+                f"only, not {item['data']['prompt'][:60]!r}: on your own data, people label"
+            )
     users = {name: client.user(f"{name}@demo.local")["id"] for name in names}
     rng = random.Random(seed)
     counts: Counter = Counter()
-    for item in client.export(found["id"], all_tasks=True):
-        if item.get("annotations"):
-            continue
+    for item in open_tasks:
         task = item["data"]
-        if demo.topic_of(task["prompt"]) is None:
-            raise ConfigError(
-                f"task {item['id']}: the demo's simulated annotators judge the demo's topics "
-                f"only, not {task['prompt'][:60]!r}: on your own data, people label the tasks"
-            )
         gold_left = demo.gold_score(task["prompt"], task["left"])
         gold_right = demo.gold_score(task["prompt"], task["right"])
         for name in rng.sample(names, per_task):

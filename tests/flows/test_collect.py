@@ -305,6 +305,7 @@ def test_the_demo_annotators_refuse_a_prompt_off_the_demo(labelled: Labelled, cl
     client.import_tasks(labelled.project_id, collect.tasks(labelled.params, off))
     with pytest.raises(ConfigError, match="judge the demo's topics only"):
         collect.simulate(labelled.params, client)
+    assert not client.export(labelled.project_id)  # no task was labelled
 
 
 def test_annotate_serve_runs_a_local_server_until_ctrl_c(project: Path) -> None:
