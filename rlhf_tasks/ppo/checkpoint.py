@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import signal
+import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,19 +118,36 @@ class _State:
         return start, history
 
 
+def _prefect_runner_cancels() -> bool:
+    """Whether a Prefect runner (a worker's flow run) may cancel this process. It first sends
+    the intent over its control channel, which the process acknowledges only while Prefect's
+    own SIGTERM handler is installed (``prefect/_internal/control_listener.py``, Prefect 3.9),
+    then sends SIGTERM. Another handler at that moment turns a clean ``Cancelled`` into
+    ``Crashed``, so PPO leaves SIGTERM to Prefect there. (Private to Prefect:
+    tests/flows/test_team_scale.py fails, the run ending Crashed, if this stops detecting it.)"""
+    listener = sys.modules.get("prefect._internal.control_listener")
+    return bool(getattr(listener, "_started", False))
+
+
 class SigtermCheckpoint:
-    """SIGTERM during PPO (a run cancelled from Prefect: its worker sends it; a preempted or
-    draining machine) ends the run after the update it is in, with a checkpoint of it, instead
-    of losing every update since the last periodic one (``ppo.save_every``).
+    """SIGTERM during PPO (``kill``, a preempting or draining scheduler, a stopped container)
+    ends the run after the update it is in, with a checkpoint of it, instead of losing every
+    update since the last periodic one (``ppo.save_every``).
 
     While the block runs, a SIGTERM is only noted (``requested``); the loop then saves and
     calls ``stop``, which puts the previous handler back and delivers SIGTERM again, so the
     process ends as it would have (the default: at once, exit status 143). Only in the main
-    thread of a single process: under ``accelerate launch`` every process would have to agree
-    on the update to stop after, and a SIGTERM there ends the run as before."""
+    thread of a single process (under ``accelerate launch`` every process would have to agree
+    on the update to stop after), and not in a flow run a Prefect worker started: there a
+    cancellation is Prefect's to handle (``_prefect_runner_cancels``), and the run resumes from
+    its last periodic checkpoint."""
 
     def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self.enabled = (
+            enabled
+            and threading.current_thread() is threading.main_thread()
+            and not _prefect_runner_cancels()
+        )
         self.requested = False
         self._previous: Any = None
 
