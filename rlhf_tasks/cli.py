@@ -398,7 +398,11 @@ def cmd_annotate(args: argparse.Namespace, params: Params) -> int:
             f"{labelstudio.ADMIN} with the password in {credentials}. Ctrl-C stops it.",
             flush=True,
         )
-        # Ctrl-C or SIGTERM stops the server too (it runs in a process group of its own).
+        # Ctrl-C or SIGTERM stops the server too (it runs in a process group of its own). Also
+        # when this process inherited SIGINT ignored, as a job started with `&` by a script
+        # does (or a test process after Prefect ran flows in it): Python then installs no
+        # KeyboardInterrupt for it.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
         try:
             code = process.wait()
