@@ -18,7 +18,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from helpers import BIN, FEW_STEPS, env
+from helpers import BIN, FEW_STEPS, POLICY, env
+from mlflow import MlflowClient
 
 from rlhf_tasks import collect, labelstudio
 from rlhf_tasks.config import Params, load_params
@@ -151,8 +152,10 @@ def test_collect_label_pull_ingest_once(
 def test_one_round_of_rlhf_on_the_demo(demo_run, tmp_path: Path, client, use, rlhf, monkeypatch):
     """`rlhf rounds 1`: the champion's answers in Label Studio, labelled by the demo's simulated
     annotators (three each), pulled and committed as a new data version, then the pipeline
-    retrains on it (a few steps: the wiring is under test) and promote decides; the round's
-    row holds that retrain's figures."""
+    retrains on it and promote decides; the round's row holds that retrain's figures. The
+    retrain takes a few steps from the base model (the wiring is under test), so its policy is
+    far worse than the demo's champion whatever the sample: the gate rejects it, and the
+    champion stays (the registry's "a worse run does not take the champion")."""
     project = tmp_path / "project"
     shutil.copytree(demo_run.clone, project, symlinks=True)
     monkeypatch.chdir(project)
@@ -177,6 +180,16 @@ def test_one_round_of_rlhf_on_the_demo(demo_run, tmp_path: Path, client, use, rl
     assert start["round"] == 0 and start["gold_score"] != first["gold_score"]
     assert start["rm_prefers_repeat"] is not None  # the demo's reward model, probed
     assert "| round | tasks |" in Path("artifacts/rounds/rounds.md").read_text()
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+    assert first["promoted"] == "no" and not decision["promoted"]
+    assert str(client.get_model_version_by_alias(POLICY, "champion").version) == "1"
+    worse = client.get_model_version(POLICY, "2")
+    assert worse.tags["rlhf.promotion"] == "rejected"
+    assert "below promote.min_win_rate" in worse.tags["rlhf.rejected_reasons"]
+    assert str(client.get_model_version_by_alias(POLICY, "challenger").version) == "2"
+    code, out, err = rlhf("models")
+    assert code == 0 and "rejected" in out and "champion" in out, out + err
 
 
 def _git_log() -> list[str]:
