@@ -251,3 +251,17 @@ def pg_databases(*roles: str) -> Iterator[dict[str, str]]:
     finally:
         for name in names.values():
             pg_admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+# Two prompts, each with two answers by a model "m/1": tasks for the collection tests
+# (``collect.tasks(params, ANSWERS)``), one clearly better answer in each.
+ANSWERS = {
+    "Tell me about dogs in winter.": [
+        ("Dogs love snow. Most dogs enjoy a walk. They are lovely.", "m/1"),
+        ("dogs are", "m/1"),
+    ],
+    "Tell me about cats at night.": [
+        ("Cats hunt at night. Many cats sleep all day. They are great.", "m/1"),
+        ("I do not know much about cats.", "m/1"),
+    ],
+}

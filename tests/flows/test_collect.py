@@ -18,7 +18,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from helpers import BIN, FEW_STEPS, POLICY, env
+from helpers import ANSWERS, BIN, FEW_STEPS, POLICY, env
 from mlflow import MlflowClient
 
 from rlhf_tasks import collect, labelstudio
@@ -217,16 +217,6 @@ def test_a_personal_access_token_or_a_wrong_key(server: labelstudio.Server, clie
 # -- bad annotations: each fails the pull, naming the task; nothing is ingested ------------------
 # The checks are collect.pull's (called directly); one of them, and a pull with nothing new, also
 # through `rlhf collect pull`, which must then leave data/ byte for byte as it was.
-ANSWERS = {
-    "Tell me about dogs in winter.": [
-        ("Dogs love snow. Most dogs enjoy a walk. They are lovely.", "m/1"),
-        ("dogs are", "m/1"),
-    ],
-    "Tell me about cats at night.": [
-        ("Cats hunt at night. Many cats sleep all day. They are great.", "m/1"),
-        ("I do not know much about cats.", "m/1"),
-    ],
-}
 
 
 @dataclass(frozen=True)

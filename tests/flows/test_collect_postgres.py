@@ -11,23 +11,12 @@ import socket
 from pathlib import Path
 
 import pytest
-from helpers import PG, pg_databases
+from helpers import ANSWERS, PG, pg_databases
 
 from rlhf_tasks import collect, labelstudio
 from rlhf_tasks.config import load_params
 
 pytestmark = pytest.mark.slow
-
-ANSWERS = {
-    "Tell me about dogs in winter.": [
-        ("Dogs love snow. Most dogs enjoy a walk. They are lovely.", "m/1"),
-        ("dogs are", "m/1"),
-    ],
-    "Tell me about cats at night.": [
-        ("Cats hunt at night. Many cats sleep all day. They are great.", "m/1"),
-        ("I do not know much about cats.", "m/1"),
-    ],
-}
 
 
 def _free_port() -> int:
