@@ -133,6 +133,25 @@ def pinned(validated_dir: Path) -> DataVersion | None:
     return DataVersion(**{**record, "paths": tuple(record["paths"])})
 
 
+def refreshed(pin: DataVersion, params: Params) -> DataVersion:
+    """``pin``, or DVC's record of the same bytes when they were ``dvc add``-ed after the gate
+    read them untracked: the validate stage that DVC then skips (its data did not change)
+    keeps its pin, which would go on tagging every run "untracked" with a hash no ``.dvc`` file
+    holds."""
+    if pin.tracked:
+        return pin
+    now = data_version(params)
+    if not now.tracked:
+        return pin
+    signature = tuple((str(f), *_stat(f)) for f in _files_read(params))
+    return now if _tree_md5_of(signature) == pin.md5 else pin
+
+
+@functools.lru_cache(maxsize=8)
+def _tree_md5_of(signature: tuple[tuple[str, int, int], ...]) -> str:
+    return _tree_md5([Path(entry[0]) for entry in signature])
+
+
 def unchanged_since(before: DataVersion, params: Params) -> None:
     """Raise DataError when the files have changed since ``before`` was read (a write to the
     data while the gate read it: its copies may mix two versions)."""

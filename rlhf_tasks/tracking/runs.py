@@ -135,9 +135,10 @@ def data_read(stage: Stage, params: Params) -> DataVersion:
 
 def validated_version(params: Params) -> DataVersion:
     """The version the gate's validated copies were made from (the files' own, for copies made
-    before the gate pinned one)."""
+    before the gate pinned one); DVC's record of it if the data was tracked since
+    (``dataversion.refreshed``)."""
     pinned = dataversion.pinned(Path(STAGES["validate"].outputs["data"].path))
-    return pinned if pinned is not None else data_version(params)
+    return dataversion.refreshed(pinned, params) if pinned is not None else data_version(params)
 
 
 def tag_data_version(run_id: str, params: Params) -> None:
