@@ -125,15 +125,16 @@ def rlhf_rounds(
             trained = rlhf_pipeline(params_path, overrides, return_state=True)
             if not trained.is_completed():
                 return logs.passed_on(trained)
+        asked = made.result()["tasks"]
         done.append(
             rounds_table.row(
                 number,
-                tasks=made.result()["tasks"],
+                tasks=asked,
                 annotations=labelled.get("annotations", 0),
                 pairs_added=summary["new_pairs"],
                 # this round's tasks that became no pair: tie, both bad, no majority (the
                 # pull's own counts are of every completed task of the project)
-                left_out=max(made.result()["tasks"] - summary["new_pairs"], 0),
+                left_out=max(asked - summary["new_pairs"], 0),
             )
         )
         path = rounds_table.write(done)

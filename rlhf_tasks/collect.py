@@ -176,24 +176,25 @@ def answers(params: Params, prompts: list[str], models: list[Policy]) -> dict[st
 
 def reward_scores(params: Params, found: dict[str, list]) -> dict[tuple[str, str], float]:
     """The champion's reward model's score of each (prompt, answer) in ``found``: the reward
-    model registered with the champion policy (its ``rlhf.reward_version``)."""
+    model version that holds the ``champion`` alias with the champion policy (promote gives
+    both), loaded from the registry (on the GPU when there is one)."""
     import mlflow
+    import torch
 
     from rlhf_tasks import promote, reward
     from rlhf_tasks.tracking import logged_models, store
 
-    names = promote.model_names(params)
-    client = promote._client()
-    champion = promote.alias_version(client, names["policy"], promote.CHAMPION)
-    version = champion.tags.get("rlhf.reward_version") if champion is not None else None
-    if version is None:
+    name = promote.model_names(params)["reward"]
+    champion = promote.alias_version(promote._client(), name, promote.CHAMPION)
+    if champion is None:
         raise ConfigError(
             f"collect.selection={params.collect.selection} needs the champion's reward model, but "
-            f"{names['policy']}"
-            " has no champion with an rlhf.reward_version tag: run `rlhf run` first"
+            f"{name} has no champion: run `rlhf run` first"
         )
     mlflow.set_tracking_uri(store.tracking_uri())
-    parts = logged_models.load_logged_model(f"models:/{names['reward']}/{version}", params.model)
+    parts = logged_models.load_logged_model(f"models:/{name}/{champion.version}", params.model)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    parts["model"] = parts["model"].to(device)
     keys = [(prompt, text) for prompt, replies in found.items() for text, _ in replies]
     scored = reward.score(
         parts["model"].eval(), parts["tokenizer"], [k[0] for k in keys], [k[1] for k in keys]

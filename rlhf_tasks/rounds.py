@@ -58,7 +58,7 @@ def row(number: int, root: Path = Path(), **extra: Any) -> dict[str, Any]:
         "repeats": evaluation.get("gold/policy_repeats_a_fact"),
         "distinct_2": evaluation.get("policy/distinct_2"),
         "kl": evaluation.get("policy/kl_to_sft"),
-        "rm_prefers_repeat": rm_prefers_repeat(root),
+        "rm_prefers_repeat": (repeat_probe(root) or {}).get("prefers"),
         "promoted": ("yes" if decision.get("promoted") else "no") if decision else None,
         "sft_repeats": evaluation.get("gold/sft_repeats_a_fact"),
         "sft_distinct_2": evaluation.get("sft/distinct_2"),
@@ -66,9 +66,10 @@ def row(number: int, root: Path = Path(), **extra: Any) -> dict[str, Any]:
     return out | extra
 
 
-def rm_prefers_repeat(root: Path = Path()) -> float | None:
-    """The share of ``demo.repeat_probes`` on the held-out prompts where the project's reward
-    model scores a fact said twice above two facts (the gold judge: never); None off the demo."""
+def repeat_probe(root: Path = Path()) -> dict[str, float] | None:
+    """``demo.repeat_probes`` on the held-out prompts, scored by the project's reward model:
+    ``prefers``, the share where it scores a fact said twice above two facts (the gold judge:
+    never), ``margin``, its mean score difference, and ``probes``; None off the demo."""
     from rlhf_tasks import demo, reward
     from rlhf_tasks.config import DataConfig
 
@@ -84,7 +85,12 @@ def rm_prefers_repeat(root: Path = Path()) -> float | None:
     prompts = [case[0] for case in cases]
     repeat = reward.score(model, tokenizer, prompts, [case[1] for case in cases])
     two = reward.score(model, tokenizer, prompts, [case[2] for case in cases])
-    return sum(r > t for r, t in zip(repeat, two, strict=True)) / len(cases)
+    gaps = [r - t for r, t in zip(repeat, two, strict=True)]
+    return {
+        "prefers": sum(g > 0 for g in gaps) / len(gaps),
+        "margin": sum(gaps) / len(gaps),
+        "probes": len(gaps),
+    }
 
 
 def table(rows: list[dict[str, Any]]) -> str:

@@ -161,7 +161,9 @@ def test_one_round_of_rlhf_on_the_demo(demo_run, tmp_path: Path, client, use, rl
     monkeypatch.chdir(project)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     before = Path("data/preferences/train.jsonl").read_text().splitlines()
-    settings = ["collect.project=Rounds", "collect.num_prompts=6", *FEW_STEPS]
+    # uncertain: the tasks' pairs chosen by the champion's reward model (loaded from the registry)
+    settings = ["collect.project=Rounds", "collect.num_prompts=6", "collect.selection=uncertain"]
+    settings += FEW_STEPS
     code, out, err = rlhf("rounds", "1", *(f"-S{s}" for s in settings))
     assert code == 0, out + err
     start, first = json.loads(Path("artifacts/rounds/rounds.json").read_text())
