@@ -282,6 +282,10 @@ def cmd_dvc_yaml(args: argparse.Namespace) -> int:
 def cmd_stage(args: argparse.Namespace, params: Params) -> int:
     from rlhf_tasks import launch
 
+    if launch.inside() and not launch.is_main():
+        # What the other processes print (the same row counts, the same messages) goes to the
+        # console only: the main process's stdout is the stage's, in the run's Prefect log.
+        sys.stdout = sys.stderr
     # Under `accelerate launch` from a tracked pipeline: nest under its run (launch.py).
     result = run_stage(args.name, params, os.environ.get(launch.PARENT_RUN_ENV) or None)
     if launch.inside() and not launch.is_main():

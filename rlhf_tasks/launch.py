@@ -7,12 +7,18 @@ the nested stage run, via ``RLHF_PARENT_RUN_ID``) and writes the stage's result 
 
 from __future__ import annotations
 
+import codecs
+import contextlib
+import contextvars
+import functools
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +48,17 @@ def is_main() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def prefect_runner_cancels() -> bool:
+    """Whether a Prefect runner (a worker's flow run) may cancel this process. It first sends
+    the intent over its control channel, which the process acknowledges only while Prefect's
+    own SIGTERM handler is installed (``prefect/_internal/control_listener.py``, Prefect 3.9),
+    then sends SIGTERM to the process group. Another handler at that moment turns a clean
+    ``Cancelled`` into ``Crashed``, so SIGTERM is left to Prefect there. (Private to Prefect:
+    tests/flows/test_team_scale.py fails, the run ending Crashed, if this stops detecting it.)"""
+    listener = sys.modules.get("prefect._internal.control_listener")
+    return bool(getattr(listener, "_started", False))
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -49,7 +66,13 @@ def _free_port() -> int:
 
 
 def run(name: str, params: Params, processes: int, parent_run_id: str | None) -> dict[str, Any]:
-    """Run stage ``name`` in ``processes`` processes; return the main process's result."""
+    """Run stage ``name`` in ``processes`` processes; return the main process's result.
+
+    What the processes print comes through this process: stdout as its own lines (so that a
+    flow's ``logs.stage_output`` sends it to the Prefect run's log, as a single-process stage's),
+    stderr (progress bars, warnings) to the console, its last lines kept for the error. A
+    SIGTERM to this process reaches them (``_Forward``): PPO checkpoints the update it is in,
+    as in one process."""
     with tempfile.TemporaryDirectory(prefix=f"rlhf-{name}-") as tmp:
         params_file, result_file = Path(tmp) / "params.yaml", Path(tmp) / "result.json"
         params_file.write_text(yaml.safe_dump(params.model_dump(mode="json", by_alias=True)))
@@ -69,11 +92,107 @@ def run(name: str, params: Params, processes: int, parent_run_id: str | None) ->
             "--params", str(params_file),
             "--result-file", str(result_file),
         ]  # fmt: skip
-        env = {**os.environ, PARENT_RUN_ENV: parent_run_id or "", LAUNCHED_ENV: "1"}
-        done = subprocess.run(command, env=env, check=False)
-        if done.returncode != 0 or not result_file.exists():
+        env = {
+            **os.environ,
+            PARENT_RUN_ENV: parent_run_id or "",
+            LAUNCHED_ENV: "1",
+            "PYTHONUNBUFFERED": "1",  # lines as they are printed, not when a pipe buffer fills
+        }
+        proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        relays = [_Relay(proc.stdout, sys.stdout, lines=True), _Relay(proc.stderr, sys.stderr)]
+        with _Forward(proc):
+            try:
+                code = proc.wait()
+            except BaseException:  # this process is being stopped: see _stop
+                _stop(proc)
+                raise
+            finally:
+                for relay in relays:
+                    relay.join()
+        if code != 0 or not result_file.exists():
+            tail = "\n".join(relays[1].tail.splitlines()[-ERROR_LINES:])
             raise RuntimeError(
                 f"stage {name} failed in {processes} processes under accelerate launch "
-                f"(exit code {done.returncode}); its output is above"
+                f"(exit code {code}); the end of their error output:\n{tail}"
             )
         return json.loads(result_file.read_text())
+
+
+ERROR_LINES = 30  # the lines of the processes' stderr a failure's message quotes
+STOP_GRACE_S = 60  # how long stopped processes get to finish (PPO: the update it is in)
+
+
+class _Relay(threading.Thread):
+    """Copies a child's pipe to one of this process's streams, in the caller's context (so that
+    Prefect's log handler knows the run each line belongs to); keeps the end of what it read."""
+
+    def __init__(self, pipe: Any, stream: Any, lines: bool = False) -> None:
+        super().__init__(daemon=True)
+        self._pipe, self._stream, self._lines = pipe, stream, lines
+        self._context = contextvars.copy_context()
+        self.tail = ""
+        self.start()
+
+    def run(self) -> None:
+        self._context.run(self._copy)
+
+    def _copy(self) -> None:
+        decode = codecs.getincrementaldecoder("utf-8")(errors="replace").decode
+        read = self._pipe.readline if self._lines else functools.partial(self._pipe.read1, 4096)
+        for chunk in iter(read, b""):
+            text = decode(chunk)
+            self.tail = (self.tail + text)[-20_000:]
+            try:
+                self._stream.write(text)
+                self._stream.flush()
+            except (OSError, ValueError):  # the console went away: keep draining the pipe
+                pass
+        self._pipe.close()
+
+
+class _Forward:
+    """While open, a SIGTERM to this process is passed on to the launched processes, and once
+    they have ended, delivered again to the handler it replaced (the default ends this process
+    as before; Prefect's raises its termination). Only in the main thread, and not in a flow run
+    a Prefect worker may cancel: there the worker signals the whole process group, and Prefect's
+    own handler must stay in place (``prefect_runner_cancels``)."""
+
+    def __init__(self, proc: subprocess.Popen) -> None:
+        self._proc = proc
+        self._on = (
+            threading.current_thread() is threading.main_thread() and not prefect_runner_cancels()
+        )
+        self._previous: Any = None
+        self.received = False
+
+    def __enter__(self) -> _Forward:
+        if self._on:
+            self._previous = signal.signal(signal.SIGTERM, self._pass_on)
+        return self
+
+    def _pass_on(self, signum: int, frame: Any) -> None:
+        self.received = True
+        with contextlib.suppress(ProcessLookupError):
+            self._proc.send_signal(signal.SIGTERM)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._on:
+            signal.signal(signal.SIGTERM, self._previous)
+            if self.received:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """This process is being stopped (Ctrl-C, Prefect's termination) while the launched ones
+    run. They had the same signal (a terminal's Ctrl-C and a Prefect worker's cancellation
+    signal the whole process group), so they get time to end as they would alone, then are
+    stopped: SIGTERM, and SIGKILL after a few seconds more."""
+    try:
+        proc.wait(timeout=STOP_GRACE_S)
+    except subprocess.TimeoutExpired:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import signal
-import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any
 
 import torch
 
+from rlhf_tasks.launch import prefect_runner_cancels
 from rlhf_tasks.ppo.maths import KLController
 from rlhf_tasks.ppo.rollout import ValueModel
 from rlhf_tasks.training import checkpoint_error, claim_checkpoints
@@ -118,37 +118,26 @@ class _State:
         return start, history
 
 
-def _prefect_runner_cancels() -> bool:
-    """Whether a Prefect runner (a worker's flow run) may cancel this process. It first sends
-    the intent over its control channel, which the process acknowledges only while Prefect's
-    own SIGTERM handler is installed (``prefect/_internal/control_listener.py``, Prefect 3.9),
-    then sends SIGTERM. Another handler at that moment turns a clean ``Cancelled`` into
-    ``Crashed``, so PPO leaves SIGTERM to Prefect there. (Private to Prefect:
-    tests/flows/test_team_scale.py fails, the run ending Crashed, if this stops detecting it.)"""
-    listener = sys.modules.get("prefect._internal.control_listener")
-    return bool(getattr(listener, "_started", False))
-
-
 class SigtermCheckpoint:
     """SIGTERM during PPO (``kill``, a preempting or draining scheduler, a stopped container)
     ends the run after the update it is in, with a checkpoint of it, instead of losing every
     update since the last periodic one (``ppo.save_every``).
 
-    While the block runs, a SIGTERM is only noted (``requested``); the loop then saves and
-    calls ``stop``, which puts the previous handler back and delivers SIGTERM again, so the
-    process ends as it would have (the default: at once, exit status 143). Only in the main
-    thread of a single process (under ``accelerate launch`` every process would have to agree
-    on the update to stop after), and not in a flow run a Prefect worker started: there a
-    cancellation is Prefect's to handle (``_prefect_runner_cancels``), and the run resumes from
-    its last periodic checkpoint."""
+    While the block runs, a SIGTERM is only noted; after each update the loop asks
+    ``requested`` (under ``accelerate launch``, whether any process was signalled: all of them
+    stop after the same update), saves, and calls ``stop``, which puts the previous handler back
+    and delivers SIGTERM again, so the process ends as it would have (the default: at once,
+    exit status 143). Only in the main thread, and not in a flow run a Prefect worker started:
+    there a cancellation is Prefect's to handle (``launch.prefect_runner_cancels``), and the run
+    resumes from its last periodic checkpoint. (The processes of a stage launched from such a
+    run are not that run: they checkpoint.)"""
 
-    def __init__(self, enabled: bool) -> None:
+    def __init__(self, accelerator: Any) -> None:
+        self._accelerator = accelerator
         self.enabled = (
-            enabled
-            and threading.current_thread() is threading.main_thread()
-            and not _prefect_runner_cancels()
+            threading.current_thread() is threading.main_thread() and not prefect_runner_cancels()
         )
-        self.requested = False
+        self._noted = False
         self._previous: Any = None
 
     def __enter__(self) -> SigtermCheckpoint:
@@ -157,7 +146,16 @@ class SigtermCheckpoint:
         return self
 
     def _note(self, signum: int, frame: Any) -> None:
-        self.requested = True
+        self._noted = True
+
+    def requested(self) -> bool:
+        """Whether this process, or under ``accelerate launch`` any of them, had a SIGTERM: one
+        small all-reduce per update, so that every process stops after the same one."""
+        if self._accelerator.num_processes == 1:
+            return self._noted
+        flag = torch.tensor([float(self._noted)], device=self._accelerator.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
 
     def __exit__(self, *exc: object) -> None:
         if self.enabled:

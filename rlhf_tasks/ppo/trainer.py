@@ -86,7 +86,7 @@ def train(
         total=run.n_updates,
         disable=not accelerator.is_main_process,
     )
-    with SigtermCheckpoint(accelerator.num_processes == 1) as sigterm:
+    with SigtermCheckpoint(accelerator) as sigterm:
         for update in progress:
             torch.manual_seed(cfg.seed + update)  # all of this update's randomness comes from here
             prompt_batch = draw_prompts(prompt_ids, cfg.rollout_batch_size, mine)
@@ -107,17 +107,19 @@ def train(
             state.kl_ctl.update(mean_kl, cfg.rollout_batch_size)
             progress.set_postfix(score=f"{row['objective/scores']:.2f}", kl=f"{mean_kl:.2f}")
             last = update + 1 == run.n_updates
-            save = (update + 1) % cfg.save_every == 0 or last or sigterm.requested
+            stopping = sigterm.requested()
+            save = (update + 1) % cfg.save_every == 0 or last or stopping
             checkpoint = out_dir / "checkpoints" / f"update-{update + 1}"
             if save and accelerator.is_main_process:
                 state.save(checkpoint, history, cfg.keep_checkpoints)
             accelerator.wait_for_everyone()
-            if sigterm.requested:
-                print(
-                    f"SIGTERM: PPO stopped after update {update + 1} of {run.n_updates}; the "
-                    f"next run resumes from {checkpoint}",
-                    flush=True,
-                )
+            if stopping:
+                if accelerator.is_main_process:
+                    print(
+                        f"SIGTERM: PPO stopped after update {update + 1} of {run.n_updates}; "
+                        f"the next run resumes from {checkpoint}",
+                        flush=True,
+                    )
                 sigterm.stop()
 
     timing = clock.report(

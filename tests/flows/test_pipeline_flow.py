@@ -56,8 +56,10 @@ def test_flow_runs_every_stage_in_order_and_dvc_records_it(
     Then what DVC finds unchanged is Cached: same inputs, every stage but promote; a changed
     ppo param, policy and the stages after it (tagged with the data version its gate read, though
     the data changes as it trains); a deleted output, its stage. A change to
-    reward.py changes every stage whose code imports it. A check of a file leaves it all."""
+    reward.py changes every stage whose code imports it. A check of a file leaves it all. SFT
+    runs in two processes (`accelerate launch`): what they print reaches the Prefect log once."""
     project = dvc_project
+    set_params(project, ["sft.resources.num_processes=2"])
     state = rlhf_pipeline(params_path="params.yaml", return_state=True)
     assert state.is_completed(), state.message
     assert set(_task_states(state).values()) == {"Completed"}
@@ -84,7 +86,8 @@ def test_flow_runs_every_stage_in_order_and_dvc_records_it(
     # nobody): the gate's verdict, the rows a trainer kept, the promotion decision.
     logged = _log_lines(state)
     assert any(line.startswith("Validation gate PASSED") for line in logged), logged
-    assert any(line.startswith("sft: trains on 160 of 160 rows") for line in logged), logged
+    sft_rows = [line for line in logged if line.startswith("sft: trains on")]
+    assert len(sft_rows) == 1 and sft_rows[0].startswith("sft: trains on 160 of 160 rows"), logged
     assert any(line.startswith("rlhf-demo-policy version 1:") for line in logged), logged
     with get_client(sync_client=True) as client:
         assert client.read_global_concurrency_limit_by_name("gpu").limit == 1

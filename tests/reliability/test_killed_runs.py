@@ -1,8 +1,8 @@
 """`rlhf run` killed with SIGKILL (its whole process group) during a TRL stage (sft), and sent
-SIGTERM during PPO (which checkpoints the update it is in, then ends): the next run reuses the
-stages that completed, resumes the killed stage from its last checkpoint, and the models are
-registered once, when a run completes. (The reward stage resumes
-through the same code as sft, ``training.fit``; a run cancelled from Prefect during PPO is
+SIGTERM during PPO in two processes (which checkpoint the update they are in, then end): the
+next run reuses the stages that completed, resumes the killed stage from its last checkpoint,
+and the models are registered once, when a run completes. (The reward stage resumes through
+the same code as sft, ``training.fit``; a run cancelled from Prefect during PPO is
 tests/flows/test_team_scale.py's.)"""
 
 from __future__ import annotations
@@ -59,9 +59,11 @@ def test_killed_runs_resume_from_their_checkpoints_and_register_once(
     project: Path, tmp_path: Path, rlhf
 ) -> None:
     """SIGKILL during SFT; SIGTERM during PPO (what a worker sends a cancelled run), which
-    writes a checkpoint of the update it was in: PPO's periodic ones are off here."""
+    writes a checkpoint of the update it was in: PPO's periodic ones are off here. PPO runs in
+    two processes under `accelerate launch`: the SIGTERM reaches them through `rlhf run`, they
+    agree on the update to stop after, and what they print reaches `rlhf run`'s output."""
     make_fast(project)
-    set_params(project, ["ppo.save_every=1000"])
+    set_params(project, ["ppo.save_every=1000", "ppo.resources.num_processes=2"])
     client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
     resumed: dict[str, str] = {}  # stage -> the checkpoint the next run must resume from
     runs: list[Run] = []
