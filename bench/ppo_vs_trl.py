@@ -1,23 +1,29 @@
-"""Our PPO against TRL 1.12.0's PPOTrainer, side by side on the demo.
+"""Our PPO against TRL 1.12.0's PPOTrainer, in interleaved pairs on the demo.
 
-    .venv/bin/python bench/ppo_vs_trl.py [--project DIR] [--threads N] [-S ppo.key=value ...]
+    .venv/bin/python bench/ppo_vs_trl.py [--project DIR] [--pairs N] [--threads N] [-S ppo.k=v ...]
 
 The same SFT model, reward model (also each value model's start), RL prompts, rollout batch,
 minibatch, PPO epochs, response length, number of updates, hyperparameters (params.yaml's `ppo`
-section and `-S` overrides) and CPU threads, each trainer in a fresh process, one after the
-other. TRL 1.12.0 runs in its own virtual environment, ``bench/.venv-trl112`` (created on first
-use: TRL 1.12.0 with the project's locked torch, transformers, accelerate and datasets, so the
-libraries under both trainers are the same); ``bench/ppo_trl112.py`` drives it.
+section and `-S` overrides) and CPU threads. The trainers run in turns, ours then TRL's, ``--pairs``
+times (default 3), each run in a fresh process; pair i uses the seed ``ppo.seed + i`` for both,
+so the quality figures are over as many seeds as pairs. (The machine's speed drifts within
+minutes: a pair's two runs are minutes apart, so the ratio within each pair is the figure to
+trust, and its median and range over the pairs.) TRL 1.12.0 runs in its own virtual
+environment, ``bench/.venv-trl112`` (created on first use: TRL 1.12.0 with the project's locked
+torch, transformers, accelerate and datasets, so the libraries under both trainers are the
+same); ``bench/ppo_trl112.py`` drives it.
 
 Without ``--project``, a scratch copy of the repository gets the demo data and trains the
 ``base_model``, ``validate``, ``sft`` and ``reward`` stages first (a few minutes).
 
-Prints, for each trainer: episodes per second of the training loop (model loading excluded),
-where the loop's time went, and the evaluate stage's figures for its policy on the held-out
-prompts (gold score, gold win rate against SFT, KL to SFT); then the throughput ratio. Figures
-only; asserts nothing. Differences that remain: TRL trains policy and value with one optimiser
-(ours: one each, same learning rate by default), TRL's Adam eps is 1e-8 (ours 1e-5), ours writes
-its resumable checkpoints (every ``ppo.save_every`` updates) and TRL saves none.
+Prints each run's episodes per second and where its loop's time went; then, for each trainer,
+the median and range of episodes per second and of the time split (generation, scoring,
+optimisation), the mean and spread over the seeds of the evaluate stage's figures for its
+policy on the held-out prompts (gold score, gold win rate against SFT, KL to SFT); and last the
+line ``ratio ours/TRL: median M (range A-B) over N pairs``. Figures only; asserts nothing.
+Differences that remain: TRL trains policy and value with one optimiser (ours: one each, same
+learning rate by default), TRL's Adam eps is 1e-8 (ours 1e-5), ours writes its resumable
+checkpoints (every ``ppo.save_every`` updates) and TRL saves none.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -105,6 +112,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--project", type=Path, help="a project whose sft and reward stages ran")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--pairs", type=int, default=3, help="interleaved pairs of runs")
     parser.add_argument("-S", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "DVC_NO_ANALYTICS": "1"}
@@ -144,61 +152,105 @@ def main() -> None:
                 }
             ),
         }
-        runs: dict[str, dict] = {}
-        for name, command in (
-            ("ours", [sys.executable, "-c", OURS]),
-            (f"TRL {TRL_VERSION}", [str(trl_python), str(ROOT / "bench" / "ppo_trl112.py")]),
-        ):
-            out = scratch / name.replace(" ", "-")
-            spec = scratch / f"{out.name}.json"
-            spec.write_text(json.dumps({**common, "out_dir": str(out)}))
-            print(f"training: {name} ...", flush=True)
-            proc = subprocess.run(
-                [*command, str(spec)], cwd=project, env=env, capture_output=True, text=True
-            )
-            timing = _last_json(proc, name)
-            print(f"evaluating: {name} ...", flush=True)
-            proc = subprocess.run(
-                [sys.executable, "-c", EVALUATE, str(out / "model"), str(out / "evaluate")],
-                cwd=project,
-                env=env,
-                capture_output=True,
-                text=True,
-            )
-            runs[name] = {"timing": timing, "metrics": _last_json(proc, f"evaluate {name}")}
+        trainers = {
+            "ours": [sys.executable, "-c", OURS],
+            f"TRL {TRL_VERSION}": [str(trl_python), str(ROOT / "bench" / "ppo_trl112.py")],
+        }
+        runs: dict[str, list[dict]] = {name: [] for name in trainers}
+        for pair in range(args.pairs):
+            seed = cfg.seed + pair
+            for name, command in trainers.items():
+                out = scratch / f"{name.replace(' ', '-')}-{pair}"
+                spec = scratch / f"{out.name}.json"
+                overrides = [*args.overrides, f"ppo.seed={seed}"]
+                spec.write_text(
+                    json.dumps(
+                        {**common, "seed": seed, "overrides": overrides, "out_dir": str(out)}
+                    )
+                )
+                proc = subprocess.run(
+                    [*command, str(spec)], cwd=project, env=env, capture_output=True, text=True
+                )
+                timing = _last_json(proc, name)
+                proc = subprocess.run(
+                    [sys.executable, "-c", EVALUATE, str(out / "model"), str(out / "evaluate")],
+                    cwd=project,
+                    env=env,
+                    capture_output=True,
+                    text=True,
+                )
+                metrics = _last_json(proc, f"evaluate {name}")
+                runs[name].append({"seed": seed, "timing": timing, "metrics": metrics})
+                split = " ".join(
+                    f"{k.removesuffix('_s')} {timing[k]:.1f}s"
+                    for k in ("generation_s", "scoring_s", "optimisation_s")
+                    if k in timing
+                )
+                print(
+                    f"pair {pair + 1}, {name:>10s} (seed {seed}): "
+                    f"{timing['episodes_per_s']:6.2f} episodes/s, loop {timing['loop_s']:.1f}s "
+                    f"({split}); gold {metrics['gold/policy_score']:.3f}",
+                    flush=True,
+                )
+    report(runs, cfg, args)
 
+
+def _median_range(values: list[float], fmt: str = "{:.2f}") -> str:
+    low, mid, high = (fmt.format(v) for v in (min(values), statistics.median(values), max(values)))
+    return f"{mid} ({low}-{high})"
+
+
+def _mean_spread(values: list[float], fmt: str = "{:.3f}") -> str:
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{fmt.format(statistics.mean(values))} ± {fmt.format(spread)}"
+
+
+def report(runs: dict[str, list[dict]], cfg, args: argparse.Namespace) -> None:
     updates = cfg.total_episodes // cfg.rollout_batch_size
     print(
         f"\n{args.threads} CPU threads; {updates} updates of {cfg.rollout_batch_size} episodes, "
         f"minibatch {cfg.mini_batch_size}, {cfg.ppo_epochs} PPO epochs, "
-        f"response length {cfg.response_length}"
+        f"response length {cfg.response_length}; {args.pairs} interleaved pairs"
     )
-    rows = [
-        ("episodes per second", "timing", "episodes_per_s", "{:.2f}"),
-        ("training loop (s)", "timing", "loop_s", "{:.1f}"),
-        ("  generation (s)", "timing", "generation_s", "{:.1f}"),
-        ("  scoring: ref, value, reward passes (s)", "timing", "scoring_s", "{:.1f}"),
-        ("  optimisation (s)", "timing", "optimisation_s", "{:.1f}"),
-        ("  other (s)", "timing", "other_s", "{:.1f}"),
-        ("  optimisation and other (s)", "timing", "optimisation_and_other_s", "{:.1f}"),
-        ("model loading (s)", "timing", "setup_s", "{:.1f}"),
-        ("gold score, policy", "metrics", "gold/policy_score", "{:.3f}"),
-        ("gold score, SFT", "metrics", "gold/sft_score", "{:.3f}"),
-        ("gold win rate vs SFT", "metrics", "gold/win_rate_vs_sft", "{:.3f}"),
-        ("KL to SFT (nats/response)", "metrics", "policy/kl_to_sft", "{:.2f}"),
-        ("reward-model score, policy", "metrics", "policy/reward_mean", "{:.3f}"),
+    timing_rows = [
+        ("episodes per second", "episodes_per_s", "{:.2f}"),
+        ("training loop (s)", "loop_s", "{:.1f}"),
+        ("  generation (s)", "generation_s", "{:.1f}"),
+        ("  scoring: ref, value, reward passes (s)", "scoring_s", "{:.1f}"),
+        ("  optimisation (s)", "optimisation_s", "{:.1f}"),
+        ("  optimisation and other (s)", "optimisation_and_other_s", "{:.1f}"),
+        ("model loading (s)", "setup_s", "{:.1f}"),
+    ]
+    metric_rows = [
+        ("gold score, policy", "gold/policy_score", "{:.3f}"),
+        ("gold score, SFT", "gold/sft_score", "{:.3f}"),
+        ("gold win rate vs SFT", "gold/win_rate_vs_sft", "{:.3f}"),
+        ("KL to SFT (nats/response)", "policy/kl_to_sft", "{:.2f}"),
+        ("reward-model score, policy", "policy/reward_mean", "{:.3f}"),
     ]
     names = list(runs)
-    print(f"{'':42s}" + "".join(f"{n:>14s}" for n in names))
-    for label, part, key, fmt in rows:
-        cells = [runs[n][part].get(key) for n in names]
-        if all(c is None for c in cells):
-            continue
-        texts = [fmt.format(c) if c is not None else "-" for c in cells]
-        print(f"{label:42s}" + "".join(f"{t:>14s}" for t in texts))
-    ours, trl = (runs[n]["timing"]["episodes_per_s"] for n in names)
-    print(f"\nthroughput, ours / TRL {TRL_VERSION}: {ours / trl:.2f}x (goal: at least 1.5x)")
+    print(f"{'median (range)':42s}" + "".join(f"{n:>24s}" for n in names))
+    for label, key, fmt in timing_rows:
+        cells = [[r["timing"][key] for r in runs[n] if key in r["timing"]] for n in names]
+        texts = [_median_range(c, fmt) if c else "-" for c in cells]
+        if any(cells):
+            print(f"{label:42s}" + "".join(f"{t:>24s}" for t in texts))
+    print(f"{'mean ± sd over the seeds':42s}")
+    for label, key, fmt in metric_rows:
+        cells = [[r["metrics"][key] for r in runs[n] if key in r["metrics"]] for n in names]
+        texts = [_mean_spread(c, fmt) if c else "-" for c in cells]
+        if any(cells):
+            print(f"{label:42s}" + "".join(f"{t:>24s}" for t in texts))
     print(json.dumps(runs))
+    ours, trl = names
+    ratios = [
+        a["timing"]["episodes_per_s"] / b["timing"]["episodes_per_s"]
+        for a, b in zip(runs[ours], runs[trl], strict=True)
+    ]
+    print(
+        f"ratio ours/TRL: median {statistics.median(ratios):.2f} "
+        f"(range {min(ratios):.2f}-{max(ratios):.2f}) over {len(ratios)} pairs"
+    )
 
 
 if __name__ == "__main__":

@@ -110,28 +110,35 @@ def to_run_log(text: str) -> None:
             logger.info(line)
 
 
-class _NoUserErrorTraceback(logging.Filter):
-    """Drops a log record that carries a ``UserError`` as its exception: the traceback that
-    Prefect's engine logs ("Engine execution exited with unexpected exception", Prefect 3.9's
-    ``flow_engine.run_flow``) when a deployment's flow run ends Failed, because it raises the
-    failed state's error again to end the process. The user's message is in the run's log
-    already, once; the traceback of a raised-again error tells them nothing more."""
+class _NoUselessTraceback(logging.Filter):
+    """For Prefect's engine loggers: drops a record that carries a ``UserError`` as its
+    exception, and the empty exception of a record logged with ``exc_info=True`` outside an
+    ``except`` block (printed as "NoneType: None").
+
+    The first is the traceback that Prefect's engine logs ("Engine execution exited with
+    unexpected exception", Prefect 3.9's ``flow_engine.run_flow``) when a deployment's flow run
+    ends Failed: it raises the failed state's error again to end the process. The user's message
+    is in the run's log already, once; the traceback of a raised-again error tells them nothing
+    more. The second follows "Task run failed with state: ..." for a task that returned a failed
+    state. A bug (any other exception) keeps its traceback."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.exc_info and isinstance(record.exc_info[1], UserError))
+        if record.exc_info and isinstance(record.exc_info[1], UserError):
+            return False
+        if record.exc_info == (None, None, None):
+            record.exc_info = None
+        return True
 
 
-def _quiet_engine() -> None:
-    engine = logging.getLogger("prefect.flow_runs")
-    if not any(isinstance(f, _NoUserErrorTraceback) for f in engine.filters):
-        engine.addFilter(_NoUserErrorTraceback())
+# Installed when the flows are imported: in the `rlhf` command, in a worker's flow-run process.
+for _engine in ("prefect.flow_runs", "prefect.task_runs"):
+    logging.getLogger(_engine).addFilter(_NoUselessTraceback())
 
 
 def user_failure(exc: UserError) -> State:
     """A failed state for a user's mistake (bad data, bad config, a busy project): its message,
     without the traceback Prefect would log for an exception, which tells the user nothing
     more. The ``rlhf`` command raises ``exc`` again from the state's data (its exit code)."""
-    _quiet_engine()
     return Failed(message=f"{type(exc).__name__}: {exc}", data=exc)
 
 
@@ -139,7 +146,6 @@ def passed_on(state: State) -> State:
     """The failed state of a subflow, as its parent flow's own: same message, same error. (A
     flow that returns its subflow's state itself ends "Failed('1/1 states failed.')": Prefect
     takes a state of another run for a result, and the message and error are lost.)"""
-    _quiet_engine()
     return Failed(message=state.message, data=state.result(raise_on_failure=False))
 
 
