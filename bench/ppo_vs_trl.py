@@ -62,11 +62,14 @@ import json, sys
 from pathlib import Path
 from rlhf_tasks import evaluate
 from rlhf_tasks.config import load_params
+from rlhf_tasks.stages import STAGES
 policy_dir, out_dir = sys.argv[1:3]
 params = load_params("params.yaml", [])
-result = evaluate.evaluate(params.evaluate, policy_dir=policy_dir, sft_dir="artifacts/sft/model",
-    reward_dir="artifacts/reward/model", prompts=evaluate.PROMPTS, pairs=evaluate.PAIRS,
-    out_dir=Path(out_dir))
+inputs = STAGES["evaluate"].io().inputs  # the evaluate stage's, but for the policy in policy_dir
+result = evaluate.evaluate(params.evaluate, policy_dir=policy_dir, sft_dir=inputs["sft_model"],
+    reward_dir=inputs["reward_model"], prompts=inputs["prompts_heldout"],
+    pairs=inputs["preferences_heldout"], out_dir=Path(out_dir), model_cfg=params.model,
+    judge_model=inputs["judge_model"])
 print(json.dumps(result["metrics"]))
 """
 
