@@ -268,6 +268,11 @@ def test_deployed_retraining_on_a_gpu_pool_promotes_a_champion(team, tmp_path: P
         if ingest_start < retrain_end:
             logged = _run_log(team, ingest)
             assert any(log.message.startswith("waiting for") for log in logged), logged
+        # The first retrain's Prefect log (a worker's stdout is read by nobody) holds what its
+        # stages told the user: the gate's verdict and the promotion decision.
+        told = [log.message for log in _run_log(team, first)]
+        assert any(m.startswith("Validation gate PASSED") for m in told), told
+        assert any(m.startswith("rlhf-demo-policy version 1: champion") for m in told), told
         version_b = _md5(clone)  # what the ingest committed
         assert version_b != version_a
 
