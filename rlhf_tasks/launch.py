@@ -73,7 +73,8 @@ def run(name: str, params: Params, processes: int, parent_run_id: str | None) ->
     stderr (progress bars, warnings) to the console, its last lines kept for the error. A
     SIGTERM to this process reaches them (``_Forward``): PPO checkpoints the update it is in,
     as in one process."""
-    with tempfile.TemporaryDirectory(prefix=f"rlhf-{name}-") as tmp:
+    forward = _Forward()  # outermost: a SIGTERM is delivered again once the files are removed
+    with forward, tempfile.TemporaryDirectory(prefix=f"rlhf-{name}-") as tmp:
         params_file, result_file = Path(tmp) / "params.yaml", Path(tmp) / "result.json"
         params_file.write_text(yaml.safe_dump(params.model_dump(mode="json", by_alias=True)))
         command = [
@@ -99,16 +100,16 @@ def run(name: str, params: Params, processes: int, parent_run_id: str | None) ->
             "PYTHONUNBUFFERED": "1",  # lines as they are printed, not when a pipe buffer fills
         }
         proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        forward.attach(proc)
         relays = [_Relay(proc.stdout, sys.stdout, lines=True), _Relay(proc.stderr, sys.stderr)]
-        with _Forward(proc):
-            try:
-                code = proc.wait()
-            except BaseException:  # this process is being stopped: see _stop
-                _stop(proc)
-                raise
-            finally:
-                for relay in relays:
-                    relay.join()
+        try:
+            code = proc.wait()
+        except BaseException:  # this process is being stopped: see _stop
+            _stop(proc)
+            raise
+        finally:
+            for relay in relays:
+                relay.join()
         if code != 0 or not result_file.exists():
             tail = "\n".join(relays[1].tail.splitlines()[-ERROR_LINES:])
             raise RuntimeError(
@@ -157,8 +158,8 @@ class _Forward:
     a Prefect worker may cancel: there the worker signals the whole process group, and Prefect's
     own handler must stay in place (``prefect_runner_cancels``)."""
 
-    def __init__(self, proc: subprocess.Popen) -> None:
-        self._proc = proc
+    def __init__(self) -> None:
+        self._proc: subprocess.Popen | None = None
         self._on = (
             threading.current_thread() is threading.main_thread() and not prefect_runner_cancels()
         )
@@ -170,10 +171,17 @@ class _Forward:
             self._previous = signal.signal(signal.SIGTERM, self._pass_on)
         return self
 
+    def attach(self, proc: subprocess.Popen) -> None:
+        """The launched processes, once started (a SIGTERM before that is passed on now)."""
+        self._proc = proc
+        if self.received:
+            self._pass_on(signal.SIGTERM, None)
+
     def _pass_on(self, signum: int, frame: Any) -> None:
         self.received = True
-        with contextlib.suppress(ProcessLookupError):
-            self._proc.send_signal(signal.SIGTERM)
+        if self._proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                self._proc.send_signal(signal.SIGTERM)
 
     def __exit__(self, *exc: object) -> None:
         if self._on:

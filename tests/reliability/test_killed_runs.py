@@ -67,8 +67,10 @@ def test_killed_runs_resume_from_their_checkpoints_and_register_once(
     client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
     resumed: dict[str, str] = {}  # stage -> the checkpoint the next run must resume from
     runs: list[Run] = []
+    scratch = tmp_path / "tmp"  # the runs' TMPDIR: where launch.py writes the launched params
+    scratch.mkdir()
     for stage in STAGES:
-        run = Run(project, tmp_path / f"run-{len(runs) + 1}.log")
+        run = Run(project, tmp_path / f"run-{len(runs) + 1}.log", {"TMPDIR": str(scratch)})
         runs.append(run)
         if stage == "policy":
             run.wait_for(lambda r=run: PPO_UPDATE.search(r.output()), "a PPO update")
@@ -76,6 +78,7 @@ def test_killed_runs_resume_from_their_checkpoints_and_register_once(
             run.proc.send_signal(signal.SIGTERM)  # to `rlhf run` only, as a worker sends it
             assert run.finish() == -signal.SIGTERM, run.output()
             assert "SIGTERM: PPO stopped after update" in run.output(), run.output()
+            assert not list(scratch.glob("rlhf-policy-*"))  # removed before the process ended
         else:
             run.wait_for(
                 complete_checkpoint(project / STAGES[stage][0], *STAGES[stage][1:]),
