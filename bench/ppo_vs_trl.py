@@ -156,7 +156,8 @@ def main() -> None:
             ),
         }
         trainers = {
-            "ours": [sys.executable, "-c", OURS],
+            # -P: the checkout's rlhf_tasks (PYTHONPATH), not the project directory's own copy
+            "ours": [sys.executable, "-P", "-c", OURS],
             f"TRL {TRL_VERSION}": [str(trl_python), str(ROOT / "bench" / "ppo_trl112.py")],
         }
         runs: dict[str, list[dict]] = {name: [] for name in trainers}
@@ -175,8 +176,9 @@ def main() -> None:
                     [*command, str(spec)], cwd=project, env=env, capture_output=True, text=True
                 )
                 timing = _last_json(proc, name)
+                evaluate = [sys.executable, "-P", "-c", EVALUATE]
                 proc = subprocess.run(
-                    [sys.executable, "-c", EVALUATE, str(out / "model"), str(out / "evaluate")],
+                    [*evaluate, str(out / "model"), str(out / "evaluate")],
                     cwd=project,
                     env=env,
                     capture_output=True,

@@ -260,9 +260,9 @@ def _decay_groups(params: list[torch.nn.Parameter], weight_decay: float) -> list
 def ppo_epochs(run: _Run, batch: Rollout, cfg: PpoSection) -> dict[str, list[float]]:
     """``cfg.ppo_epochs`` passes over the rollout in shuffled minibatches; on each minibatch one
     step of both optimisers on the clipped policy loss plus ``vf_coef`` times the clipped value
-    loss, gradients clipped to ``max_grad_norm``. Returns each minibatch's statistics under
-    short names: the losses ("pg", "vf"), "approxkl", the clip fractions ("clip", "vclip") and
-    the mean "ratio"."""
+    loss, the gradients of both clipped to ``max_grad_norm`` together. Returns each minibatch's
+    statistics under short names: the losses ("pg", "vf"), "approxkl", the clip fractions
+    ("clip", "vclip") and the mean "ratio"."""
     state, policy, critic = run.state, run.models.policy, run.models.critic
     accelerator, context_len = state.accelerator, batch.context_len
     policy.train()
@@ -303,8 +303,10 @@ def ppo_epochs(run: _Run, batch: Rollout, cfg: PpoSection) -> dict[str, list[flo
                     names, (pg.loss, vf, pg.approxkl, pg.clipfrac, vclip, pg.ratio), strict=True
                 ):
                     totals[key] += (weight * value).item()
-            accelerator.clip_grad_norm_(run.trainable, cfg.max_grad_norm)
-            accelerator.clip_grad_norm_(critic.parameters(), cfg.max_grad_norm)
+            # One norm over policy and value together, as TRL's PPO (one wrapped model): a
+            # large value gradient also shortens the policy's step. Measured on the demo (3
+            # seeds): gold 4.075 against 4.009 with each clipped apart, TRL's 4.087.
+            accelerator.clip_grad_norm_([*run.trainable, *critic.parameters()], cfg.max_grad_norm)
             state.policy_opt.step()
             state.value_opt.step()
             state.policy_opt.zero_grad()
