@@ -151,43 +151,63 @@ class _Relay(threading.Thread):
         self._pipe.close()
 
 
-class _Forward:
-    """While open, a SIGTERM to this process is passed on to the launched processes, and once
-    they have ended, delivered again to the handler it replaced (the default ends this process
-    as before; Prefect's raises its termination). Only in the main thread, and not in a flow run
-    a Prefect worker may cancel: there the worker signals the whole process group, and Prefect's
-    own handler must stay in place (``prefect_runner_cancels``)."""
+class DeferredSigterm:
+    """While open, a SIGTERM to this process is noted (``received``) instead of ending it; on
+    leaving (or ``release()``) the previous handler is put back and, if one came, the SIGTERM is
+    delivered to it again, so the process ends as it would have (the default: exit status 143;
+    Prefect's handler: its termination). ``on_signal`` is called at each SIGTERM. Only in the
+    main thread, and not in a flow run a Prefect worker may cancel: there Prefect's own handler
+    must stay in place (``prefect_runner_cancels``)."""
 
     def __init__(self) -> None:
-        self._proc: subprocess.Popen | None = None
-        self._on = (
+        self.enabled = (
             threading.current_thread() is threading.main_thread() and not prefect_runner_cancels()
         )
-        self._previous: Any = None
         self.received = False
+        self._previous: Any = None
 
-    def __enter__(self) -> _Forward:
-        if self._on:
-            self._previous = signal.signal(signal.SIGTERM, self._pass_on)
+    def __enter__(self) -> DeferredSigterm:
+        if self.enabled:
+            self._previous = signal.signal(signal.SIGTERM, self._note)
         return self
+
+    def _note(self, signum: int, frame: Any) -> None:
+        self.received = True
+        self.on_signal()
+
+    def on_signal(self) -> None:
+        """What to do at once when a SIGTERM comes (nothing: it is only noted)."""
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def release(self) -> None:
+        if self.enabled:
+            signal.signal(signal.SIGTERM, self._previous)
+            self.enabled = False
+            if self.received:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+
+class _Forward(DeferredSigterm):
+    """A SIGTERM to this process is passed on to the launched processes at once, and delivered
+    again here once they have ended (a flow run a worker may cancel signals the whole process
+    group itself)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._proc: subprocess.Popen | None = None
 
     def attach(self, proc: subprocess.Popen) -> None:
         """The launched processes, once started (a SIGTERM before that is passed on now)."""
         self._proc = proc
         if self.received:
-            self._pass_on(signal.SIGTERM, None)
+            self.on_signal()
 
-    def _pass_on(self, signum: int, frame: Any) -> None:
-        self.received = True
+    def on_signal(self) -> None:
         if self._proc is not None:
             with contextlib.suppress(ProcessLookupError):
                 self._proc.send_signal(signal.SIGTERM)
-
-    def __exit__(self, *exc: object) -> None:
-        if self._on:
-            signal.signal(signal.SIGTERM, self._previous)
-            if self.received:
-                os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _stop(proc: subprocess.Popen) -> None:

@@ -8,14 +8,13 @@ import json
 import os
 import shutil
 import signal
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from rlhf_tasks.launch import prefect_runner_cancels
+from rlhf_tasks.launch import DeferredSigterm
 from rlhf_tasks.ppo.maths import KLController
 from rlhf_tasks.ppo.rollout import ValueModel
 from rlhf_tasks.training import checkpoint_error, claim_checkpoints
@@ -118,51 +117,35 @@ class _State:
         return start, history
 
 
-class SigtermCheckpoint:
+class SigtermCheckpoint(DeferredSigterm):
     """SIGTERM during PPO (``kill``, a preempting or draining scheduler, a stopped container)
     ends the run after the update it is in, with a checkpoint of it, instead of losing every
     update since the last periodic one (``ppo.save_every``).
 
-    While the block runs, a SIGTERM is only noted; after each update the loop asks
-    ``requested`` (under ``accelerate launch``, whether any process was signalled: all of them
-    stop after the same update), saves, and calls ``stop``, which puts the previous handler back
-    and delivers SIGTERM again, so the process ends as it would have (the default: at once,
-    exit status 143). Only in the main thread, and not in a flow run a Prefect worker started:
-    there a cancellation is Prefect's to handle (``launch.prefect_runner_cancels``), and the run
-    resumes from its last periodic checkpoint. (The processes of a stage launched from such a
-    run are not that run: they checkpoint.)"""
+    While the block runs, a SIGTERM is only noted (``launch.DeferredSigterm``); after each
+    update the loop asks ``requested`` (under ``accelerate launch``, whether any process was
+    signalled: all of them stop after the same update), saves, and calls ``stop``, which delivers
+    the SIGTERM again, so the process ends as it would have. Not in a flow run a Prefect worker
+    started: there a cancellation is Prefect's to handle, and the run resumes from its last
+    periodic checkpoint. (The processes of a stage launched from such a run are not that run:
+    they checkpoint.)"""
 
     def __init__(self, accelerator: Any) -> None:
+        super().__init__()
         self._accelerator = accelerator
-        self.enabled = (
-            threading.current_thread() is threading.main_thread() and not prefect_runner_cancels()
-        )
-        self._noted = False
-        self._previous: Any = None
-
-    def __enter__(self) -> SigtermCheckpoint:
-        if self.enabled:
-            self._previous = signal.signal(signal.SIGTERM, self._note)
-        return self
-
-    def _note(self, signum: int, frame: Any) -> None:
-        self._noted = True
 
     def requested(self) -> bool:
         """Whether this process, or under ``accelerate launch`` any of them, had a SIGTERM: one
-        small all-reduce per update, so that every process stops after the same one."""
+        small gather per update, so that every process stops after the same one."""
         if self._accelerator.num_processes == 1:
-            return self._noted
-        flag = torch.tensor([float(self._noted)], device=self._accelerator.device)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return bool(flag.item())
-
-    def __exit__(self, *exc: object) -> None:
-        if self.enabled:
-            signal.signal(signal.SIGTERM, self._previous)
-            self.enabled = False
+            return self.received
+        flags = self._accelerator.gather(
+            torch.tensor([float(self.received)], device=self._accelerator.device)
+        )
+        return bool(flags.max().item())
 
     def stop(self) -> None:
-        self.__exit__()
-        os.kill(os.getpid(), signal.SIGTERM)  # the previous handler's turn (default: exit now)
+        """End this process as the SIGTERM would have (also one that another process had)."""
+        self.received = True
+        self.release()  # the previous handler's turn (default: exit now)
         raise SystemExit(128 + signal.SIGTERM)  # a handler that returned: end all the same
