@@ -36,6 +36,7 @@ from pathlib import Path
 
 import psutil
 from demo_copy import BIN, demo_copy
+from summary import median_range
 
 BARE = """
 import json, sys, time
@@ -141,11 +142,6 @@ def _pair(root: Path, base_env: dict[str, str], args: argparse.Namespace) -> dic
     }
 
 
-def _median_range(values: list[float], fmt: str) -> str:
-    low, mid, high = (fmt.format(v) for v in (min(values), statistics.median(values), max(values)))
-    return f"{mid} ({low}-{high})"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=3, help="interleaved pairs of runs")
@@ -183,7 +179,7 @@ def main() -> None:
     for label, key, fmt in rows:
         values = [p[key] for p in pairs if key in p]
         if values:
-            print(f"  {label:42s}{_median_range(values, fmt)}")
+            print(f"  {label:42s}{median_range(values, fmt)}")
     overheads = [p["overhead_pct"] for p in pairs]
     print(
         f"overhead: {statistics.median(overheads):.1f}% (median; range "

@@ -38,6 +38,7 @@ import tempfile
 from pathlib import Path
 
 from demo_copy import ROOT, demo_copy
+from summary import mean_spread, median_range
 
 BIN = Path(sys.executable).parent
 TRL_VENV = ROOT / "bench" / ".venv-trl112"
@@ -200,16 +201,6 @@ def main() -> None:
     report(runs, cfg, args)
 
 
-def _median_range(values: list[float], fmt: str = "{:.2f}") -> str:
-    low, mid, high = (fmt.format(v) for v in (min(values), statistics.median(values), max(values)))
-    return f"{mid} ({low}-{high})"
-
-
-def _mean_spread(values: list[float], fmt: str = "{:.3f}") -> str:
-    spread = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{fmt.format(statistics.mean(values))} ± {fmt.format(spread)}"
-
-
 def report(runs: dict[str, list[dict]], cfg, args: argparse.Namespace) -> None:
     updates = cfg.total_episodes // cfg.rollout_batch_size
     print(
@@ -234,28 +225,24 @@ def report(runs: dict[str, list[dict]], cfg, args: argparse.Namespace) -> None:
         ("reward-model score, policy", "policy/reward_mean", "{:.3f}"),
     ]
     names = list(runs)
-    print(f"{'median (range)':42s}" + "".join(f"{n:>24s}" for n in names))
-    for label, key, fmt in timing_rows:
-        cells = [[r["timing"][key] for r in runs[n] if key in r["timing"]] for n in names]
-        texts = [_median_range(c, fmt) if c else "-" for c in cells]
-        if any(cells):
-            print(f"{label:42s}" + "".join(f"{t:>24s}" for t in texts))
-    print(f"{'mean ± sd over the seeds':42s}")
-    for label, key, fmt in metric_rows:
-        cells = [[r["metrics"][key] for r in runs[n] if key in r["metrics"]] for n in names]
-        texts = [_mean_spread(c, fmt) if c else "-" for c in cells]
-        if any(cells):
-            print(f"{label:42s}" + "".join(f"{t:>24s}" for t in texts))
+    for title, part, rows, summary in (
+        ("median (range)", "timing", timing_rows, median_range),
+        ("mean ± sd over the seeds", "metrics", metric_rows, mean_spread),
+    ):
+        print(f"{title:42s}" + "".join(f"{n:>24s}" for n in names))
+        for label, key, fmt in rows:
+            cells = [[r[part][key] for r in runs[n] if key in r[part]] for n in names]
+            if any(cells):
+                texts = [summary(c, fmt) if c else "-" for c in cells]
+                print(f"{label:42s}" + "".join(f"{t:>24s}" for t in texts))
     print(json.dumps(runs))
     ours, trl = names
     ratios = [
         a["timing"]["episodes_per_s"] / b["timing"]["episodes_per_s"]
         for a, b in zip(runs[ours], runs[trl], strict=True)
     ]
-    print(
-        f"ratio ours/TRL: median {statistics.median(ratios):.2f} "
-        f"(range {min(ratios):.2f}-{max(ratios):.2f}) over {len(ratios)} pairs"
-    )
+    mid, low, high = statistics.median(ratios), min(ratios), max(ratios)
+    print(f"ratio ours/TRL: median {mid:.2f} (range {low:.2f}-{high:.2f}) over {len(ratios)} pairs")
 
 
 if __name__ == "__main__":
